@@ -1,0 +1,75 @@
+"""Forward-process conversions between log-SNR λ, (α, σ) and EDM's σ.
+
+This module is the one home of every λ ↔ σ ↔ α formula in vdmpp (DESIGN.md, "One coordinate").
+
+* VP (variance preserving, seed 000 eq. 1–2, seed 004 App. J): α² = sigmoid(λ), σ² = sigmoid(−λ),
+  so α² + σ² = 1 and λ = log(α²/σ²).
+* VE (variance exploding, EDM's units, seed 003 eq. 1 with s(t) = 1): α = 1, σ = e^{−λ/2}.
+
+All functions are written with log-sigmoid / softplus / expm1 so that they stay finite and
+accurate in float32 and bfloat16 over λ ∈ [−30, 30] (and beyond); half-precision inputs are
+computed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+__all__ = [
+    "logsnr_from_alpha_sigma",
+    "logsnr_from_sigma",
+    "sigma_from_logsnr",
+    "ve",
+    "vp",
+    "vp_transition",
+]
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Compute in at least float32 (bf16/fp16 have too few mantissa bits for exp/log chains)."""
+    if not x.is_floating_point():
+        return x.to(torch.get_default_dtype())
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def vp(logsnr: Tensor) -> tuple[Tensor, Tensor]:
+    """VP process: (α, σ) = (√sigmoid(λ), √sigmoid(−λ)) via log-sigmoid (seed 004 App. J)."""
+    lam = _upcast(logsnr)
+    alpha = torch.exp(0.5 * F.logsigmoid(lam))
+    sigma = torch.exp(0.5 * F.logsigmoid(-lam))
+    return alpha.to(logsnr.dtype), sigma.to(logsnr.dtype)
+
+
+def ve(logsnr: Tensor) -> tuple[Tensor, Tensor]:
+    """VE process in EDM units: (α, σ) = (1, e^{−λ/2}) (seed 003 Table 1, "VE")."""
+    sigma = sigma_from_logsnr(logsnr)
+    return torch.ones_like(sigma), sigma
+
+
+def sigma_from_logsnr(logsnr: Tensor) -> Tensor:
+    """EDM's noise level σ = e^{−λ/2} (λ = −2 log σ, x = data + σ·n)."""
+    return torch.exp(-0.5 * _upcast(logsnr)).to(logsnr.dtype)
+
+
+def logsnr_from_sigma(sigma: Tensor) -> Tensor:
+    """λ = −2 log σ for EDM's σ (inverse of :func:`sigma_from_logsnr`; σ = 0 gives +inf)."""
+    return (-2.0 * torch.log(_upcast(sigma))).to(sigma.dtype)
+
+
+def logsnr_from_alpha_sigma(alpha: Tensor, sigma: Tensor) -> Tensor:
+    """λ = log(α²/σ²) for any process (seed 000 eq. 2)."""
+    return (2.0 * (torch.log(_upcast(alpha)) - torch.log(_upcast(sigma)))).to(alpha.dtype)
+
+
+def vp_transition(logsnr_s: Tensor, logsnr_t: Tensor) -> tuple[Tensor, Tensor]:
+    """q(z_t | z_s) of the VP process for λ_t < λ_s: returns (α_{t|s}, σ²_{t|s}).
+
+    α_{t|s} = α_t/α_s and σ²_{t|s} = σ²_t − α²_{t|s}σ²_s. With γ = −λ (seed 004 App. J, eq. 63):
+    σ²_{t|s} = −expm1(softplus(γ_s) − softplus(γ_t)), which avoids the cancellation 1 − (≈1).
+    """
+    ls, lt = _upcast(logsnr_s), _upcast(logsnr_t)
+    log_alpha_ts = 0.5 * (F.logsigmoid(lt) - F.logsigmoid(ls))
+    sigma2_ts = -torch.expm1(F.softplus(-ls) - F.softplus(-lt))
+    return torch.exp(log_alpha_ts).to(logsnr_t.dtype), sigma2_ts.to(logsnr_t.dtype)
