@@ -76,6 +76,9 @@ class Adaptive(nn.Module):
                 f"and {tuple(loss.shape)}"
             )
         lam = logsnr.detach().to(self.ema.dtype)
+        if lam.device.type == "cpu" and not torch.compiler.is_compiling() and lam.numel():
+            if bool(torch.isnan(lam).any()):  # free on CPU; on accelerators NaN λ is masked
+                raise ValueError("Adaptive.update: logsnr contains NaN")
         value = self.weighting(lam) * loss.detach().to(self.ema.dtype)
         ok = torch.isfinite(lam) & torch.isfinite(value)
         k = self.bin_index(lam)
