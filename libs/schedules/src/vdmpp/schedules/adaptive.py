@@ -21,8 +21,8 @@ class Adaptive(nn.Module):
 
     ``update(logsnr, loss)`` takes the *unweighted* per-example ‖ε − ε̂‖² and applies the
     weighting. Each hit bin moves towards the mean of this step's values in it; bins not hit keep
-    their value. λ outside the range is clipped into the end bins; examples with a non-finite λ
-    or loss are ignored. No host sync, no Python loop over the batch. For data parallelism use
+    their value. λ outside the range is clipped into the end bins; examples with a non-finite loss
+    (or, on accelerators, λ) are ignored; NaN λ on CPU is an error (free to check there). No host sync, no Python loop over the batch. For data parallelism use
     ``bin_stats`` → all-reduce (sum) → ``apply_stats`` so every rank holds the same schedule.
     """
 
