@@ -22,7 +22,8 @@ class Adaptive(nn.Module):
     ``update(logsnr, loss)`` takes the *unweighted* per-example ‖ε − ε̂‖² and applies the
     weighting. Each hit bin moves towards the mean of this step's values in it; bins not hit keep
     their value. λ outside the range is clipped into the end bins; examples with a non-finite loss
-    (or, on accelerators, λ) are ignored; NaN λ on CPU is an error (free to check there). No host sync, no Python loop over the batch. For data parallelism use
+    (or, on accelerators, λ) are ignored; NaN λ on CPU is an error (free to check there).
+    No host sync, no Python loop over the batch. For data parallelism use
     ``bin_stats`` → all-reduce (sum) → ``apply_stats`` so every rank holds the same schedule.
     """
 
@@ -45,7 +46,9 @@ class Adaptive(nn.Module):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
         if not callable(weighting):
-            raise TypeError(f"weighting must be a callable λ → w(λ), got {type(weighting).__name__}")
+            raise TypeError(
+                f"weighting must be a callable λ → w(λ), got {type(weighting).__name__}"
+            )
         self.weighting = weighting
         self.bins, self.decay = bins, float(decay)
         self.logsnr_min, self.logsnr_max = float(logsnr_min), float(logsnr_max)
@@ -76,9 +79,9 @@ class Adaptive(nn.Module):
                 f"and {tuple(loss.shape)}"
             )
         lam = logsnr.detach().to(self.ema.dtype)
-        if lam.device.type == "cpu" and not torch.compiler.is_compiling() and lam.numel():
-            if bool(torch.isnan(lam).any()):  # free on CPU; on accelerators NaN λ is masked
-                raise ValueError("Adaptive.update: logsnr contains NaN")
+        on_cpu = lam.device.type == "cpu" and not torch.compiler.is_compiling()
+        if on_cpu and bool(torch.isnan(lam).any()):  # free on CPU; masked on accelerators
+            raise ValueError("Adaptive.update: logsnr contains NaN")
         value = self.weighting(lam) * loss.detach().to(self.ema.dtype)
         ok = torch.isfinite(lam) & torch.isfinite(value)
         k = self.bin_index(lam)

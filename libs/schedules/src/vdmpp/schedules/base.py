@@ -76,7 +76,9 @@ class TruncatedSchedule:
         self._t0, self._t1 = self._t(ends).tolist()
         self._v0, self._v1 = self._one_minus_t(ends).tolist()  # 1 − t₀, 1 − t₁ without cancellation
         if not self._t1 > self._t0:
-            raise ValueError(f"{type(self).__name__}: degenerate truncation t0={self._t0}, t1={self._t1}")
+            raise ValueError(
+                f"{type(self).__name__}: degenerate truncation t0={self._t0}, t1={self._t1}"
+            )
 
     # --- untruncated maps, to be provided by subclasses ---------------------------------------
     def _logsnr(self, u: Tensor, v: Tensor) -> Tensor:
