@@ -33,6 +33,17 @@ def tests(session: nox.Session, lib: str) -> None:
 
 
 @nox.session
+def apps(session: nox.Session) -> None:
+    """Install the train and eval apps (which pull every library) and run their tests."""
+    _install_torch(session)
+    apps = [d for d in ("train", "eval") if (ROOT / "apps" / d / "pyproject.toml").exists()]
+    if not apps:
+        session.skip("no apps yet")
+    session.install(*[f"./apps/{d}[test]" for d in apps])
+    session.run("pytest", *[f"apps/{d}/tests" for d in apps], *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """Ruff over the whole tree with the root configuration."""
     session.install("ruff>=0.5")
