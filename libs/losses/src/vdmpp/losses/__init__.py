@@ -1,0 +1,30 @@
+"""vdmpp-losses: every diffusion objective as a weighted ELBO over log-SNR (VDM++), and VDM's bound.
+
+* :mod:`~vdmpp.losses.weightings`: w(λ) for each row of seed 000 Table 1 plus VDM++'s own.
+* :mod:`~vdmpp.losses.parameterizations`: eps / x / v / score / edm / flow conversions.
+* :class:`WeightedLoss`: the estimator ½·w(λ)/p(λ)·‖ε − ε̂‖² of seed 000 eq. 7.
+* :mod:`~vdmpp.losses.vlb`: VDM's prior, reconstruction and diffusion terms; :func:`bits_per_dim`.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import parameterizations, vlb, weightings
+from .vlb import VLBTerms, bits_per_dim
+from .weighted import LossOutput, WeightedLoss
+from .weightings import Weighting
+
+try:
+    __version__ = version("vdmpp-losses")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "LossOutput",
+    "VLBTerms",
+    "WeightedLoss",
+    "Weighting",
+    "bits_per_dim",
+    "parameterizations",
+    "vlb",
+    "weightings",
+]
