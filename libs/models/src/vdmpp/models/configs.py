@@ -83,7 +83,7 @@ PARAM_COUNTS: dict[str, int] = {
 _ARCHS = {"unet": UNet, "uvit": UViT}
 
 
-def config(name: str, **overrides: Any) -> dict[str, Any]:
+def config(name: str, /, **overrides: Any) -> dict[str, Any]:
     """The keyword arguments `build(name, **overrides)` passes to the network class."""
     if name not in CONFIGS:
         raise ValueError(f"unknown model config {name!r}; expected one of {sorted(CONFIGS)}")
@@ -92,10 +92,11 @@ def config(name: str, **overrides: Any) -> dict[str, Any]:
     return kw
 
 
-def build(name: str, **overrides: Any) -> nn.Module:
+def build(name: str, /, **overrides: Any) -> nn.Module:
     """Build the network of config `name`; `overrides` replace any of its keyword arguments.
 
-    `arch` ("unet" or "uvit") may be overridden too. Errors raised by the network name the config.
+    `arch` ("unet" or "uvit") may be overridden too; `name=` renames the network (it is the
+    name its error messages use, by default the config's).
     """
     kw = config(name, **overrides)
     arch = kw.pop("arch")
@@ -104,7 +105,7 @@ def build(name: str, **overrides: Any) -> nn.Module:
     return _ARCHS[arch](**kw)
 
 
-def param_count(name: str, **overrides: Any) -> int:
+def param_count(name: str, /, **overrides: Any) -> int:
     """Parameters of `build(name, **overrides)`, counted on the meta device (no memory)."""
     with torch.device("meta"):
         net = build(name, **overrides)

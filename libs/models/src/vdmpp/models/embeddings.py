@@ -66,15 +66,16 @@ def fourier_features(z: Tensor, n_min: int = 7, n_max: int = 8) -> Tensor:
     """VDM Fourier features (seed 004 eq. 34): z [B, C, H, W] → [B, 2·N·C, H, W], N = n_max−n_min+1.
 
     Channel layout: index (k·N + i)·C + c holds sin (k = 0) or cos (k = 1) of z[:, c]·2^{n_min+i}·π.
-    Computed in float32 (the arguments reach 2^8·π·|z|; bf16 would alias them) and returned in
-    float32 so that autocast casts them once at the input convolution.
+    Computed in at least float32 (the arguments reach 2^8·π·|z|; bf16 would alias them; float64
+    stays float64) and returned in that dtype, so autocast casts them once at the input conv.
     """
     if n_max < n_min:
         raise ValueError(f"fourier features need n_min <= n_max, got {n_min} > {n_max}")
     b, c, h, w = z.shape
-    n = torch.arange(n_min, n_max + 1, device=z.device, dtype=torch.float32)
+    dtype = z.dtype if z.dtype == torch.float64 else torch.float32
+    n = torch.arange(n_min, n_max + 1, device=z.device, dtype=dtype)
     freqs = (2.0**n) * math.pi
-    args = z.float().unsqueeze(1) * freqs.view(1, -1, 1, 1, 1)  # [B, N, C, H, W]
+    args = z.to(dtype).unsqueeze(1) * freqs.view(1, -1, 1, 1, 1)  # [B, N, C, H, W]
     feats = torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # [B, 2N, C, H, W]
     return feats.reshape(b, feats.shape[1] * c, h, w)
 

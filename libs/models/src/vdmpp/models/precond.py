@@ -55,6 +55,11 @@ PARAMETERIZATIONS = ("edm", "eps", "v", "x")
 PROCESSES = ("vp", "ve")
 
 
+def _upcast(x: Tensor) -> Tensor:
+    """Compute in at least float32 (float64 stays float64; bf16/fp16 are upcast)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def edm_coefficients(
     sigma: Tensor, sigma_data: float = 0.5
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -71,7 +76,7 @@ def edm_coefficients_logsnr(
     logsnr: Tensor, sigma_data: float = 0.5
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The same four coefficients in λ (σ = e^{−λ/2}), finite in float32 for |λ| ≤ 30."""
-    lam = logsnr.float()
+    lam = _upcast(logsnr)
     log_d2 = 2.0 * math.log(sigma_data)
     c_skip = torch.sigmoid(lam + log_d2)  # σ_d²/(e^{−λ} + σ_d²)
     log_s2_plus_d2 = torch.logaddexp(-lam, torch.full_like(lam, log_d2))
@@ -84,7 +89,7 @@ def edm_coefficients_logsnr(
 def _process_alpha_sigma(logsnr: Tensor, process: str) -> tuple[Tensor, Tensor]:
     """(α, σ) of the process at λ (float32). The canonical versions live in vdmpp.schedules
     (`vp`, `ve`); they are restated here because vdmpp-models does not depend on it."""
-    lam = logsnr.float()
+    lam = _upcast(logsnr)
     if process == "vp":
         return torch.exp(0.5 * F.logsigmoid(lam)), torch.exp(0.5 * F.logsigmoid(-lam))
     return torch.ones_like(lam), torch.exp(-0.5 * lam)
@@ -147,15 +152,15 @@ class Preconditioned(nn.Module):
 
     def forward(self, z: Tensor, logsnr: Tensor, class_labels: Tensor | None = None) -> Tensor:
         logsnr = self._logsnr(z, logsnr)
-        z_in = (z.float() * _bcast(self.input_scale(logsnr), z)).to(z.dtype)
+        z_in = (_upcast(z) * _bcast(self.input_scale(logsnr), z)).to(z.dtype)
         return self.net(z_in, logsnr, class_labels).to(z.dtype)
 
     def denoise(self, z: Tensor, logsnr: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """x̂ in data units (EDM's D(x_edm; σ) with x_edm = z/α), from any parameterization."""
         logsnr = self._logsnr(z, logsnr)
-        out = self(z, logsnr, class_labels).float()
+        out = _upcast(self(z, logsnr, class_labels))
         alpha, sigma = (_bcast(c, z) for c in _process_alpha_sigma(logsnr, self.process))
-        zf = z.float()
+        zf = _upcast(z)
         if self.parameterization == "edm":
             c_skip, c_out, _, _ = edm_coefficients_logsnr(logsnr, self.sigma_data)
             x_hat = _bcast(c_skip, z) * zf / alpha + _bcast(c_out, z) * out
