@@ -37,7 +37,8 @@ void adaptive_ema_update_cpu(at::Tensor& ema, at::Tensor& cdf, const at::Tensor&
   std::vector<float> sums(bins, 0.0f), counts(bins, 0.0f);
   for (int64_t i = 0; i < n; ++i) {
     const float l = lam[i];
-    TORCH_CHECK(!std::isnan(l), op, ": logsnr contains NaN (first at index ", i, ")");
+    // ValueError in Python, like Adaptive.bin_stats on CPU.
+    TORCH_CHECK_VALUE(!std::isnan(l), op, ": logsnr contains NaN (first at index ", i, ")");
     const float v = val[i];
     if (!std::isfinite(l) || !std::isfinite(v)) continue;  // ignored, as in the reference
     const float q = std::floor((l - lmin) / width);

@@ -38,7 +38,7 @@ def adaptive_ema_update(
     """In place: bin λ, per-bin mean of ``value`` (= w(λ)·loss), EMA on hit bins, refresh cdf.
 
     ``ema`` [bins] and ``cdf`` [bins + 1] are float32 buffers; non-finite values are ignored; NaN
-    λ is an error on CPU and ignored on CUDA (no host sync there).
+    λ is a ValueError on CPU and ignored on CUDA (no host sync there).
     """
     torch.ops.vdmpp.adaptive_ema_update.default(
         ema, cdf, logsnr, value, float(decay), float(logsnr_min), float(logsnr_max)

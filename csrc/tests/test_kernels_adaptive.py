@@ -1,0 +1,192 @@
+"""vdmpp::adaptive_ema_update equals Adaptive.bin_stats + apply_stats (VDM++ App. F/H)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import vdmpp.kernels as K
+from vdmpp.kernels import reference as R
+
+HAS_CUDA = torch.cuda.is_available() and K.has_kernel("adaptive_ema_update", "cuda")
+HAS_SCHEDULES = importlib.util.find_spec("vdmpp.schedules") is not None
+LMIN, LMAX = -20.0, 20.0
+
+
+def _state(bins, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ema = (torch.rand(bins, generator=g) * 2 + 0.1).to(device)
+    return ema, R_cdf(ema)
+
+
+def R_cdf(ema):
+    c = torch.cumsum(ema.clamp_min(0), 0)
+    c = torch.cat([c.new_zeros(1), c / c[-1:]])
+    return torch.cat([c[:-1], c.new_ones(1)])
+
+
+def _batch(kind, n, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "normal":  # many hits per bin
+        lam = torch.randn(n, generator=g) * 8
+    elif kind == "wide":  # beyond both ends: clipped into the end bins
+        lam = (torch.rand(n, generator=g) - 0.5) * 100
+    elif kind == "one_bin":  # every example in a single bin
+        lam = torch.full((n,), 3.3)
+    elif kind == "edges":  # exactly on bin edges and the range ends
+        lam = torch.linspace(LMIN, LMAX, n) if n > 1 else torch.full((n,), LMAX)
+    else:
+        raise AssertionError(kind)
+    value = torch.rand(n, generator=g) * 5
+    return lam.to(device), value.to(device)
+
+
+def _step_ref(ema, cdf, lam, value, decay):
+    R.adaptive_ema_update(ema, cdf, lam, value, decay, LMIN, LMAX)
+
+
+@pytest.mark.parametrize("bins", [1, 7, 100, 333])
+@pytest.mark.parametrize("n", [0, 1, 5, 256, 4097])
+@pytest.mark.parametrize("kind", ["normal", "wide", "one_bin", "edges"])
+def test_kernels_adaptive_matches_reference_bitwise_cpu(bins, n, kind):
+    ema_k, cdf_k = _state(bins, "cpu")
+    ema_r, cdf_r = ema_k.clone(), cdf_k.clone()
+    for step in range(4):
+        lam, value = _batch(kind, n, seed=step)
+        K.adaptive_ema_update(ema_k, cdf_k, lam, value, 0.9, LMIN, LMAX)
+        _step_ref(ema_r, cdf_r, lam, value, 0.9)
+        assert torch.equal(ema_k, ema_r), step
+        assert torch.equal(cdf_k, cdf_r), step
+    assert cdf_k[0] == 0 and cdf_k[-1] == 1 and bool((cdf_k.diff() >= 0).all())
+
+
+@pytest.mark.skipif(not HAS_SCHEDULES, reason="vdmpp-schedules not installed")
+@pytest.mark.parametrize("n", [0, 1, 64, 1000])
+def test_kernels_adaptive_matches_schedule_bin_stats_apply_stats(n):
+    """Against the schedule's own reference path, with its weighting applied in Python."""
+    from vdmpp.schedules import Adaptive
+
+    w = lambda lam: torch.sigmoid(2.0 - lam)
+    sched = Adaptive(w, bins=50, decay=0.95, logsnr_min=-15.0, logsnr_max=12.0)
+    ema, cdf = sched.ema.clone(), sched.cdf.clone()
+    for step in range(5):
+        lam, loss = _batch("wide", n, seed=10 + step)
+        sched.apply_stats(sched.bin_stats(lam, loss))
+        value = w(lam) * loss
+        K.adaptive_ema_update(ema, cdf, lam, value, 0.95, -15.0, 12.0)
+        assert torch.equal(ema, sched.ema) and torch.equal(cdf, sched.cdf), step
+
+
+def test_kernels_adaptive_non_finite_values_ignored_cpu():
+    ema_k, cdf_k = _state(10, "cpu")
+    ema_r, cdf_r = ema_k.clone(), cdf_k.clone()
+    inf, nan = float("inf"), float("nan")
+    lam = torch.tensor([-inf, inf, 0.5, 0.5, 7.0, -19.0, 19.9])
+    value = torch.tensor([1.0, 2.0, inf, 3.0, nan, -inf, 4.0])
+    K.adaptive_ema_update(ema_k, cdf_k, lam, value, 0.5, LMIN, LMAX)
+    _step_ref(ema_r, cdf_r, lam, value, 0.5)
+    assert torch.equal(ema_k, ema_r) and torch.equal(cdf_k, cdf_r)
+    # only the finite pairs moved their bins: bin of 0.5 (value 3) and of 19.9 (value 4)
+    moved = (ema_k != _state(10, "cpu")[0]).nonzero().flatten().tolist()
+    assert moved == [5, 9]
+
+
+@pytest.mark.parametrize("ldtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16])
+def test_kernels_adaptive_bf16_inputs_cpu(ldtype, vdtype):
+    ema_k, cdf_k = _state(64, "cpu")
+    ema_r, cdf_r = ema_k.clone(), cdf_k.clone()
+    lam, value = _batch("normal", 777, seed=5)
+    lam, value = lam.to(ldtype), value.to(vdtype)
+    K.adaptive_ema_update(ema_k, cdf_k, lam, value, 0.99, LMIN, LMAX)
+    _step_ref(ema_r, cdf_r, lam, value, 0.99)  # the reference upcasts to float32 too
+    assert torch.equal(ema_k, ema_r) and torch.equal(cdf_k, cdf_r)
+
+
+def test_kernels_adaptive_nan_logsnr_is_an_error_cpu():
+    ema, cdf = _state(10, "cpu")
+    ema0, cdf0 = ema.clone(), cdf.clone()
+    lam = torch.tensor([0.0, float("nan"), 1.0])
+    with pytest.raises(ValueError, match="logsnr contains NaN"):
+        K.adaptive_ema_update(ema, cdf, lam, torch.ones(3), 0.9, LMIN, LMAX)
+    assert torch.equal(ema, ema0) and torch.equal(cdf, cdf0)  # nothing written
+
+
+def test_kernels_adaptive_zero_mass_matches_reference():
+    """All EMA mass clamped to zero: the normalisation is 0/0 in both paths."""
+    ema_k = torch.full((4,), -1.0)
+    cdf_k = torch.zeros(5)
+    ema_r, cdf_r = ema_k.clone(), cdf_k.clone()
+    lam, value = torch.tensor([0.0]), torch.tensor([-5.0])
+    K.adaptive_ema_update(ema_k, cdf_k, lam, value, 0.5, LMIN, LMAX)
+    _step_ref(ema_r, cdf_r, lam, value, 0.5)
+    assert torch.equal(ema_k, ema_r)
+    torch.testing.assert_close(cdf_k, cdf_r, rtol=0, atol=0, equal_nan=True)
+
+
+# --- CUDA (skipped without a GPU) -------------------------------------------------------------
+cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
+
+
+@cuda
+@pytest.mark.parametrize("bins", [1, 100, 2048])
+@pytest.mark.parametrize("n", [0, 1, 256, 4096, 16384, 16385, 200_000])
+@pytest.mark.parametrize("kind", ["normal", "wide", "one_bin"])
+def test_kernels_adaptive_cuda_matches_cpu(bins, n, kind):
+    """CUDA sums per bin in double (any order): equal to the CPU kernel up to float rounding."""
+    ema_c, cdf_c = _state(bins, "cpu")
+    ema_g, cdf_g = ema_c.cuda(), cdf_c.cuda()
+    for step in range(3):
+        lam, value = _batch(kind, n, seed=step)
+        K.adaptive_ema_update(ema_c, cdf_c, lam, value, 0.9, LMIN, LMAX)
+        K.adaptive_ema_update(ema_g, cdf_g, lam.cuda(), value.cuda(), 0.9, LMIN, LMAX)
+        torch.testing.assert_close(ema_g.cpu(), ema_c, rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(cdf_g.cpu(), cdf_c, rtol=2e-6, atol=1e-6)
+    assert cdf_g[0].item() == 0.0 and cdf_g[-1].item() == 1.0
+
+
+@cuda
+def test_kernels_adaptive_cuda_masks_nan_logsnr():
+    ema_g, cdf_g = _state(10, "cuda")
+    ema_c, cdf_c = ema_g.cpu(), cdf_g.cpu()
+    lam = torch.tensor([0.0, float("nan"), 1.0, float("inf")])
+    value = torch.tensor([1.0, 9.0, 2.0, 3.0])
+    K.adaptive_ema_update(ema_g, cdf_g, lam.cuda(), value.cuda(), 0.9, LMIN, LMAX)
+    keep = torch.isfinite(lam)
+    K.adaptive_ema_update(ema_c, cdf_c, lam[keep], value[keep], 0.9, LMIN, LMAX)
+    torch.testing.assert_close(ema_g.cpu(), ema_c, rtol=2e-6, atol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize("n", [4096, 100_000])
+def test_kernels_adaptive_cuda_graph_capture(n):
+    """No host sync: the update captures in a CUDA graph and replays to the eager result."""
+    ema, cdf = _state(100, "cuda")
+    ema_e, cdf_e = ema.clone(), cdf.clone()
+    lam, value = _batch("normal", n, seed=7, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside capture
+        K.adaptive_ema_update(ema.clone(), cdf.clone(), lam, value, 0.9, LMIN, LMAX)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        K.adaptive_ema_update(ema, cdf, lam, value, 0.9, LMIN, LMAX)
+    for _ in range(3):
+        graph.replay()
+        K.adaptive_ema_update(ema_e, cdf_e, lam, value, 0.9, LMIN, LMAX)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(ema, ema_e, rtol=1e-6, atol=0)
+    torch.testing.assert_close(cdf, cdf_e, rtol=1e-6, atol=0)
+
+
+@cuda
+def test_kernels_adaptive_cuda_too_many_bins():
+    ema = torch.ones(K.CUDA_MAX_BINS + 1, device="cuda")
+    cdf = torch.zeros(K.CUDA_MAX_BINS + 2, device="cuda")
+    lam, value = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
+    assert not K.can_use("adaptive_ema_update", ema, lam)
+    with pytest.raises(RuntimeError, match="at most"):
+        K.adaptive_ema_update(ema, cdf, lam, value, 0.9, LMIN, LMAX)
