@@ -1,0 +1,146 @@
+"""Atomic checkpoints: temp file + fsync + ``os.replace``, keep the last K, load weights-only.
+
+A checkpoint is ``RUN/checkpoints/ckpt-<step:09d>.pt`` holding only tensors, numbers, strings,
+lists and dicts, so ``torch.load(..., weights_only=True)`` reads it; anything else (a pickle
+from elsewhere) is refused with :class:`CheckpointError`. A crash — even SIGKILL — while writing
+leaves at most a ``.tmp`` file, which is never picked up: the previous checkpoint stays the
+latest readable one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "find_latest",
+    "list_checkpoints",
+    "load_checkpoint",
+    "prune",
+    "save_atomic",
+]
+
+_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+REQUIRED = ("format", "step", "model", "ema", "optimizer")
+FORMAT = "vdmpp-train-checkpoint"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot (or must not) be loaded."""
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"ckpt-{step:09d}.pt"
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path.tmp``, fsync, rename over ``path``, fsync the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return path
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def write_atomic_bytes(data: bytes, path: str | Path) -> Path:
+    """Write bytes atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every finished checkpoint file, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a vdmpp-train checkpoint with ``weights_only=True``; refuse anything else."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError for pickles, RuntimeError for truncated zips
+        raise CheckpointError(
+            f"{path}: not a loadable vdmpp-train checkpoint (read with weights_only=True; "
+            f"pickled objects are refused): {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        ) from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a vdmpp-train checkpoint (format != {FORMAT!r})")
+    missing = [k for k in REQUIRED if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing}")
+    return obj
+
+
+def find_latest(
+    directory: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads, skipping (with a warning) any that do not."""
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as e:
+            warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
+    return None
+
+
+def prune(directory: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints and stale temp files; return what went."""
+    d = Path(directory)
+    gone = []
+    ckpts = list_checkpoints(d)
+    for _, p in ckpts[: max(len(ckpts) - keep, 0)]:
+        p.unlink(missing_ok=True)
+        gone.append(p)
+    for p in d.glob(".ckpt-*.tmp"):
+        pid = p.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover
+        return True
+    return True

@@ -1,0 +1,419 @@
+"""Typed run configuration: TOML → dataclasses, ``--set a.b=value`` overrides, validation.
+
+Every field below is a key of the TOML file (top-level fields at the top, the rest in a table
+of the same name). Overrides are parsed as TOML literals (``--set optimizer.lr=2e-4``,
+``--set data.augment_flip=true``, ``--set model.overrides.dropout=0.1``); a value that is not
+a TOML literal is taken as a bare string (``--set out=runs/x``). Nothing is ever ``eval``-ed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "BatchConfig",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EMAConfig",
+    "LogConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimizerConfig",
+    "SampleConfig",
+    "apply_override",
+    "builtin_configs",
+    "dumps",
+    "load",
+    "resolve_path",
+]
+
+SCHEDULES = ("cosine", "edm_training", "edm_sampling", "flow_ot", "linear_vp", "learned")
+PARAMETERIZATIONS = ("eps", "x", "v", "edm")  # the heads vdmpp.models.Preconditioned has
+PROCESSES = ("vp", "ve")
+PRECISIONS = ("fp32", "bf16")
+TIME_SAMPLERS = ("uniform", "low_discrepancy")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be trained; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # "digits", a directory of *.tar shards, or a brace pattern
+    resolution: int = 16
+    channels: int = 1
+    num_classes: int | None = 10  # None: unconditional
+    augment_flip: bool = False  # random horizontal flip
+    workers: int = 0  # DataLoader workers per data stream
+    shuffle_buffer: int = 1000
+    # "replay": on resume, re-read the stream up to the saved position (exact; reads bytes again)
+    # "reseed": start a fresh stream seeded with the resume step (cheap; for big datasets)
+    # "auto": replay when deterministic = true, else reseed
+    resume: str = "auto"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ObjectiveConfig:
+    schedule: str = "cosine"
+    schedule_args: dict[str, Any] = field(default_factory=dict)
+    weighting: str = "sigmoid"
+    weighting_args: dict[str, Any] = field(default_factory=dict)
+    parameterization: str = "eps"
+    process: str = "vp"
+    logsnr_min: float = -20.0
+    logsnr_max: float = 20.0
+    adaptive: bool = True  # VDM++ adaptive schedule (App. F/H); replaces `schedule` for training
+    adaptive_bins: int = 100
+    adaptive_decay: float = 0.999
+    time_sampler: str = "low_discrepancy"
+    sigma_data: float = 0.5
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"  # "adam" or "adamw"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_images: float = 0.0  # linear LR warm-up over this many training images
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+
+@dataclass
+class EMAConfig:
+    halflife_images: float | None = None  # EDM-style half-life in images (takes precedence)
+    decay: float = 0.9999  # per-step decay when halflife_images is not set
+
+
+@dataclass
+class BatchConfig:
+    global_size: int = 64  # images per optimizer step, all ranks together
+    per_device: int = 0  # micro-batch per forward; 0 = global_size / world_size
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    keep: int = 3
+
+
+@dataclass
+class LogConfig:
+    every: int = 50
+    tensorboard: bool = False
+    loss_bins: int = 10  # per-λ-bin loss in the metrics
+    progress: bool = True
+
+
+@dataclass
+class SampleConfig:
+    every: int = 0  # 0 disables preview grids
+    count: int = 64
+    steps: int = 32  # Heun steps (EDM sigma grid)
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    out: str = "runs/run"
+    seed: int = 0
+    steps: int = 1000
+    precision: str = "fp32"
+    deterministic: bool = False
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    compile: bool = False
+    nan_patience: int = 20  # stop (with a checkpoint) after this many non-finite steps in a row
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> Config:
+        """Raise :class:`ConfigError` naming the first bad key; return self when all is well."""
+        _check(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        _check(self.nan_patience >= 1, "nan_patience", self.nan_patience, "must be >= 1")
+        d = self.data
+        _check(d.resolution >= 1, "data.resolution", d.resolution, "must be >= 1")
+        _check(d.channels in (1, 3), "data.channels", d.channels, "must be 1 or 3")
+        _check(
+            d.num_classes is None or d.num_classes >= 1,
+            "data.num_classes",
+            d.num_classes,
+            "must be >= 1 (omit it for unconditional training)",
+        )
+        _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+        _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
+        _choice("data.resume", d.resume, ("auto", "replay", "reseed"))
+        _check(bool(d.source), "data.source", d.source, "must name 'digits' or shards")
+        o = self.objective
+        _choice("objective.schedule", o.schedule, SCHEDULES)
+        _choice("objective.parameterization", o.parameterization, PARAMETERIZATIONS)
+        _choice("objective.process", o.process, PROCESSES)
+        _choice("objective.time_sampler", o.time_sampler, TIME_SAMPLERS)
+        _check(
+            math.isfinite(o.logsnr_min) and math.isfinite(o.logsnr_max)
+            and o.logsnr_min < o.logsnr_max,
+            "objective.logsnr_min/logsnr_max",
+            [o.logsnr_min, o.logsnr_max],
+            "need finite logsnr_min < logsnr_max",
+        )
+        _check(o.adaptive_bins >= 1, "objective.adaptive_bins", o.adaptive_bins, "must be >= 1")
+        _check(
+            0 < o.adaptive_decay < 1, "objective.adaptive_decay", o.adaptive_decay, "in (0, 1)"
+        )
+        _check(o.sigma_data > 0, "objective.sigma_data", o.sigma_data, "must be > 0")
+        p = self.optimizer
+        _choice("optimizer.name", p.name, ("adam", "adamw"))
+        _check(p.lr > 0 and math.isfinite(p.lr), "optimizer.lr", p.lr, "must be > 0")
+        _check(
+            len(p.betas) == 2 and all(0 <= b < 1 for b in p.betas),
+            "optimizer.betas",
+            p.betas,
+            "must be two numbers in [0, 1)",
+        )
+        _check(p.eps > 0, "optimizer.eps", p.eps, "must be > 0")
+        _check(p.weight_decay >= 0, "optimizer.weight_decay", p.weight_decay, "must be >= 0")
+        _check(p.warmup_images >= 0, "optimizer.warmup_images", p.warmup_images, "must be >= 0")
+        _check(p.grad_clip >= 0, "optimizer.grad_clip", p.grad_clip, "must be >= 0 (0: off)")
+        e = self.ema
+        _check(
+            e.halflife_images is None or e.halflife_images > 0,
+            "ema.halflife_images",
+            e.halflife_images,
+            "must be > 0",
+        )
+        _check(0 <= e.decay < 1, "ema.decay", e.decay, "must lie in [0, 1)")
+        b = self.batch
+        _check(b.global_size >= 1, "batch.global_size", b.global_size, "must be >= 1")
+        _check(b.per_device >= 0, "batch.per_device", b.per_device, "must be >= 0 (0: auto)")
+        _check(
+            b.per_device == 0 or b.global_size % b.per_device == 0,
+            "batch.per_device",
+            b.per_device,
+            f"must divide batch.global_size = {b.global_size}",
+        )
+        c = self.checkpoint
+        _check(c.every >= 1, "checkpoint.every", c.every, "must be >= 1")
+        _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
+        _check(self.log.every >= 1, "log.every", self.log.every, "must be >= 1")
+        _check(self.log.loss_bins >= 1, "log.loss_bins", self.log.loss_bins, "must be >= 1")
+        s = self.sample
+        _check(s.every >= 0, "sample.every", s.every, "must be >= 0 (0: off)")
+        _check(s.count >= 1 and s.steps >= 1, "sample.count/steps", [s.count, s.steps], ">= 1")
+        return self
+
+    def micro_batches(self, world_size: int) -> tuple[int, int]:
+        """(per-device micro-batch, accumulation steps) for ``world_size`` ranks."""
+        g, b = self.batch.global_size, self.batch.per_device
+        if b == 0:
+            if g % world_size:
+                raise ConfigError(
+                    f"batch.global_size = {g} is not divisible by the world size {world_size}"
+                )
+            b = g // world_size
+        if g % (b * world_size):
+            raise ConfigError(
+                f"batch.global_size = {g} must be a multiple of batch.per_device ({b}) × "
+                f"world size ({world_size})"
+            )
+        return b, g // (b * world_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config: {key} = {value!r} {why}")
+
+
+def _choice(key: str, value: Any, options: tuple[Any, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"config: {key} = {value!r} is not one of {', '.join(map(str, options))}")
+
+
+# --- TOML → dataclasses --------------------------------------------------------------------------
+_ALIASES = {("batch", "global"): "global_size"}  # `global` is a Python keyword
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = _ALIASES.get((prefix.rstrip("."), key), key)
+        if name not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"config: unknown key '{prefix}{key}' (known here: {known})")
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {key} must be a table, got {value!r}")
+        return _build(tp, value, key + ".")
+    origin, args = get_origin(tp), get_args(tp)
+    if args and type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        return _coerce(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {key} must be a table, got {value!r}")
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {key} must be an array, got {value!r}")
+        (inner,) = args
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config: {key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config: {key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """A TOML literal (number, bool, string, array, inline table), else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` to the raw TOML dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, text = assignment.split("=", 1)
+    parts = [p.strip() for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"--set: bad key {key!r}")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set: {key!r} goes through a non-table value")
+    node[parts[-1]] = parse_value(text.strip())
+
+
+def builtin_configs() -> dict[str, Path]:
+    """The configs shipped in the wheel, by stem (``digits``, ``cifar10``, ...)."""
+    root = resources.files("vdmpp.train") / "configs"
+    return {
+        Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")
+    }
+
+
+def resolve_path(spec: str | Path) -> Path:
+    """A config file path, or the name of a shipped config."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = builtin_configs()
+    if str(spec) in shipped:
+        return shipped[str(spec)]
+    raise ConfigError(
+        f"no config file {str(spec)!r}; shipped configs: {', '.join(sorted(shipped))}"
+    )
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "")
+
+
+def load(spec: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML config (path or shipped name), apply ``--set`` overrides, validate."""
+    path = resolve_path(spec)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return from_dict(raw).validate()
+
+
+# --- dataclasses → TOML (the resolved config.toml of a run) --------------------------------------
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def dumps(cfg: Config) -> str:
+    """The resolved config as TOML (None is written as the string "none", read back as None)."""
+    top, tables = [], []
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            lines = [f"[{f.name}]"]
+            for g in fields(v):
+                x = getattr(v, g.name)
+                name = "global" if (f.name, g.name) == ("batch", "global_size") else g.name
+                lines.append(f"{name} = {_toml_value('none' if x is None else x)}")
+            tables.append("\n".join(lines))
+        else:
+            top.append(f"{f.name} = {_toml_value('none' if v is None else v)}")
+    return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"

@@ -1,0 +1,385 @@
+"""WebDataset shards: writing them (image folder, .npz, digits) and streaming them for training.
+
+A shard is a tar of samples ``<key>.png`` (8-bit L or RGB) + ``<key>.cls`` (the class index as
+text); nothing is pickled, and reading decodes only PNG and integers.
+
+Streams. The global batch of a step is cut into ``slots`` micro-batches (world size ×
+gradient-accumulation steps); slot k has its own data stream (and its own noise, see
+``trainer``), so a run's numbers depend on the global batch and micro-batch size, not on how the
+slots are spread over processes: 2 ranks × 1 micro-batch equals 1 rank × 2 accumulated ones.
+Within a slot, the shard list is split by slot and then by DataLoader worker (when there are
+enough shards), shards are drawn with replacement (resampled, an endless stream), samples pass a
+shuffle buffer, and every random choice comes from a ``random.Random`` seeded by
+(seed, slot, worker, segment). Undecodable samples are skipped and counted.
+
+Position. Each batch carries how many shuffled samples its worker has consumed; restarting the
+stream with ``skip`` set to that count replays it exactly (without decoding the skipped images).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .config import ConfigError
+
+__all__ = [
+    "ShardStream",
+    "StreamSpec",
+    "digits_images",
+    "expand_source",
+    "make_loader",
+    "probe",
+    "write_shards",
+]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 63-bit seed from any printable parts, the same in every process and Python run."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# --- sources -------------------------------------------------------------------------------------
+def digits_images(resolution: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (1797 8×8 images, 10 classes) as uint8 [N, res, res, 1].
+
+    Pixel values 0..16 are scaled to 0..255, upscaled by the largest integer factor that fits
+    (nearest neighbour, so strokes stay crisp) and zero-padded to the centre.
+    """
+    from sklearn.datasets import load_digits
+
+    if resolution < 8:
+        raise ConfigError(f"digits need a resolution >= 8, got {resolution}")
+    d = load_digits()
+    img = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    f = resolution // 8
+    img = img.repeat(f, axis=1).repeat(f, axis=2)
+    pad = resolution - 8 * f
+    lo = pad // 2
+    img = np.pad(img, ((0, 0), (lo, pad - lo), (lo, pad - lo)))
+    return img[..., None], d.target.astype(np.int64)
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        ik = next((k for k in ("images", "x", "arr_0") if k in keys), None)
+        if ik is None:
+            raise ConfigError(f"{path}: no 'images' (or 'x', 'arr_0') array; has {sorted(keys)}")
+        images = z[ik]
+        lk = next((k for k in ("labels", "y", "arr_1") if k in keys), None)
+        labels = z[lk].astype(np.int64) if lk else None
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ConfigError(f"{path}: images must be [N, H, W, C] or [N, C, H, W]: {images.shape}")
+    if images.shape[-1] not in (1, 3) and images.shape[1] in (1, 3):
+        images = images.transpose(0, 2, 3, 1)
+    if images.dtype != np.uint8:
+        if images.min() >= -1.0 and images.max() <= 1.0 and images.min() < 0:
+            images = (images + 1.0) * 127.5  # [-1, 1] floats
+        elif images.max() <= 1.0:
+            images = images * 255.0
+        images = np.round(images).clip(0, 255).astype(np.uint8)
+    return images, labels
+
+
+def _folder_items(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ConfigError(f"{root}: expected one sub-folder per class, found none")
+    items = [
+        (f, i)
+        for i, c in enumerate(classes)
+        for f in sorted((root / c).rglob("*"))
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not items:
+        raise ConfigError(f"{root}: no images found in the class sub-folders")
+    return items, classes
+
+
+def _resize(img: Image.Image, resolution: int | None) -> Image.Image:
+    if resolution is None or img.size == (resolution, resolution):
+        return img
+    w, h = img.size  # centre crop to a square, then resize (ADM's preprocessing, simplified)
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(
+    src: str | Path,
+    out: str | Path,
+    *,
+    maxcount: int = 1000,
+    resolution: int | None = None,
+    seed: int = 0,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Write shuffled WebDataset shards ``OUT/shard-NNNNNN.tar`` and ``OUT/dataset.json``.
+
+    ``src``: ``"digits"`` (built in), an ``.npz`` (``images`` uint8 [N, H, W, C] or [N, C, H, W],
+    optional ``labels``), or a folder with one sub-folder per class. ``resolution`` resizes
+    (centre crop + bicubic) folder and npz images, and sets the digits' padded size (default 16).
+    """
+    if maxcount < 1:
+        raise ConfigError(f"maxcount must be >= 1, got {maxcount}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    classes: list[str] | None
+    if str(src) == "digits":
+        images, labels = digits_images(resolution or 16)
+        classes = [str(i) for i in range(10)]
+        order = list(range(len(images)))
+        rng.shuffle(order)
+        items = ((images[i], int(labels[i])) for i in order)
+        count = len(order)
+    else:
+        path = Path(src)
+        if path.suffix == ".npz" and path.is_file():
+            images, labels_opt = _load_npz(path)
+            classes = None if labels_opt is None else [str(i) for i in range(labels_opt.max() + 1)]
+            order = list(range(len(images)))
+            rng.shuffle(order)
+
+            def gen() -> Iterator[tuple[np.ndarray, int | None]]:
+                for i in order:
+                    arr = images[i]
+                    if resolution is not None:
+                        img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+                        arr = np.asarray(_resize(img, resolution))
+                        arr = arr[..., None] if arr.ndim == 2 else arr
+                    yield arr, None if labels_opt is None else int(labels_opt[i])
+
+            items = gen()
+            count = len(order)
+        elif path.is_dir():
+            files, classes = _folder_items(path)
+            rng.shuffle(files)
+
+            def gen() -> Iterator[tuple[np.ndarray, int | None]]:
+                for f, label in files:
+                    with Image.open(f) as im:
+                        im = _resize(im.convert("L" if im.mode == "L" else "RGB"), resolution)
+                        arr = np.asarray(im)
+                    yield (arr[..., None] if arr.ndim == 2 else arr), label
+
+            items = gen()
+            count = len(files)
+        else:
+            raise ConfigError(f"shards: {src!r} is not 'digits', an .npz file or a folder")
+    sizes: set[tuple[int, ...]] = set()
+    pattern = str(out / "shard-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=int(verbose)) as sink:
+        for i, (arr, label) in enumerate(items):
+            sizes.add(arr.shape)
+            sample = {"__key__": f"{i:09d}", "png": _png(arr)}
+            if label is not None:
+                sample["cls"] = str(label)
+            sink.write(sample)
+        nshards = sink.shard
+    (h, w, c), *_ = sorted(sizes) if sizes else [(0, 0, 0)]
+    meta = {
+        "count": count,
+        "shards": nshards,
+        "pattern": f"shard-{{000000..{nshards - 1:06d}}}.tar",
+        "classes": classes,
+        "num_classes": None if classes is None else len(classes),
+        "resolution": h if len(sizes) == 1 and h == w else None,
+        "channels": c,
+        "seed": seed,
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+# --- reading -------------------------------------------------------------------------------------
+def expand_source(source: str) -> list[str]:
+    """Shard paths from a directory (``*.tar`` inside) or a brace pattern ``a-{000..009}.tar``."""
+    path = Path(source)
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.glob("*.tar"))
+    else:
+        urls = list(wds.shardlists.expand_urls(source))
+        missing = [u for u in urls if "://" not in u and not Path(u).exists()]
+        if missing:
+            raise ConfigError(f"data.source: {len(missing)} shard(s) missing, e.g. {missing[0]}")
+    if not urls:
+        raise ConfigError(f"data.source = {source!r}: no .tar shards found")
+    return urls
+
+
+def decode_sample(
+    sample: dict[str, Any], resolution: int, channels: int, num_classes: int | None
+) -> tuple[np.ndarray, int]:
+    """(uint8 [C, H, W], label) from a raw sample; raises on anything unexpected."""
+    data = sample.get("png")
+    if data is None:
+        raise ValueError(f"sample {sample.get('__key__')!r} has no .png member")
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format != "PNG":
+            raise ValueError(f"not a PNG ({im.format})")
+        if im.size != (resolution, resolution):
+            raise ValueError(f"image is {im.size[0]}×{im.size[1]}, expected {resolution}²")
+        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    label = -1
+    if num_classes is not None:
+        raw = sample.get("cls")
+        if raw is None:
+            raise ValueError("no .cls member")
+        label = int(raw.decode("ascii").strip())
+        if not 0 <= label < num_classes:
+            raise ValueError(f"label {label} outside [0, {num_classes})")
+    return np.ascontiguousarray(arr), label
+
+
+def probe(urls: list[str], resolution: int, channels: int, num_classes: int | None) -> None:
+    """Decode the first good sample of the first shard; raise ConfigError on a size mismatch."""
+    for url in urls[:3]:
+        for sample in wds.tarfile_samples([{"url": url}], handler=wds.ignore_and_continue):
+            try:
+                with Image.open(io.BytesIO(sample["png"])) as im:
+                    size = im.size
+            except Exception:
+                continue
+            if size != (resolution, resolution):
+                raise ConfigError(
+                    f"data.resolution = {resolution} but {url} holds {size[0]}×{size[1]} images "
+                    f"(rewrite the shards with `vdmpp-train shards SRC OUT --resolution "
+                    f"{resolution}` or set data.resolution = {size[0]})"
+                )
+            if num_classes is not None and "cls" not in sample:
+                raise ConfigError(
+                    f"data.num_classes = {num_classes} but {url} has no .cls labels "
+                    "(set data.num_classes = \"none\" for unconditional training)"
+                )
+            return
+    raise ConfigError(f"data.source: no decodable PNG sample in {urls[:3]}")
+
+
+@dataclass
+class StreamSpec:
+    urls: list[str]
+    slot: int
+    num_slots: int
+    batch_size: int
+    resolution: int
+    channels: int
+    num_classes: int | None
+    seed: int
+    segment: int = 0  # 0 for a fresh or replayed stream; the resume step for "reseed"
+    flip: bool = False
+    shuffle_buffer: int = 1000
+    skip: dict[int, int] = field(default_factory=dict)  # worker → samples to replay silently
+    role_offset: int = 0  # worker j plays stream (j + role_offset) % workers (exact replay)
+
+
+class ShardStream(IterableDataset):
+    """An endless stream of micro-batches for one slot (see module docstring)."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def _urls(self, worker: int, workers: int) -> list[str]:
+        s = self.spec
+        urls = s.urls[s.slot :: s.num_slots] if len(s.urls) >= s.num_slots else s.urls
+        return urls[worker::workers] if len(urls) >= workers else urls
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        s = self.spec
+        info = get_worker_info()
+        nw = info.num_workers if info is not None else 1
+        wid = ((info.id if info is not None else 0) + s.role_offset) % nw
+        urls = self._urls(wid, nw)
+        rng = random.Random(stable_seed("stream", s.seed, s.slot, wid, s.segment))
+        errors = [0]
+
+        def handler(exc: BaseException) -> bool:
+            errors[0] += 1
+            return True
+
+        def raw() -> Iterator[dict[str, Any]]:
+            while True:
+                url = rng.choice(urls)
+                yield from wds.tarfile_samples([{"url": url}], handler=handler)
+
+        def shuffled() -> Iterator[dict[str, Any]]:
+            buf: list[dict[str, Any]] = []
+            for sample in raw():
+                if len(buf) < s.shuffle_buffer:
+                    buf.append(sample)
+                    if len(buf) < min(s.shuffle_buffer, 64):
+                        continue
+                k = rng.randrange(len(buf))
+                buf[k], sample = sample, buf[k]
+                yield sample
+
+        pos, corrupt = 0, 0
+        skip = s.skip.get(wid, 0)
+        images: list[np.ndarray] = []
+        labels: list[int] = []
+        for sample in shuffled():
+            pos += 1
+            flip = rng.random() < 0.5
+            if pos <= skip:
+                continue
+            try:
+                arr, label = decode_sample(sample, s.resolution, s.channels, s.num_classes)
+            except Exception:
+                corrupt += 1
+                continue
+            if s.flip and flip:
+                arr = arr[:, :, ::-1]
+            images.append(arr)
+            labels.append(label)
+            if len(images) == s.batch_size:
+                yield {
+                    "image": torch.from_numpy(np.stack(images)),
+                    "label": torch.tensor(labels, dtype=torch.long),
+                    "worker": wid,
+                    "pos": pos,
+                    "corrupt": corrupt + errors[0],
+                }
+                images, labels = [], []
+
+
+def make_loader(spec: StreamSpec, workers: int) -> Iterator[dict[str, Any]]:
+    """An iterator of micro-batches for one slot (a DataLoader when ``workers`` > 0)."""
+    stream = ShardStream(spec)
+    if workers == 0:
+        return iter(stream)
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=True,
+        prefetch_factor=4,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return iter(loader)

@@ -1,0 +1,588 @@
+"""The training loop: one config → one run directory, single process or torchrun DDP.
+
+Slots. The global batch of a step is ``slots = global_size / per_device`` micro-batches; slot k
+lives on rank k mod W as its (k div W)-th accumulation micro-step. Each slot has its own data
+stream (``data``) and its noise (t, ε, dropout) is drawn from generators seeded by
+(seed, slot, step), so the update of a step depends on the global batch and micro-batch size
+only — W = 2 ranks × 1 micro-step computes what W = 1 × 2 micro-steps computes, and a resumed
+run continues the exact stream of an uninterrupted one (``data.resume = "replay"``).
+
+Seed 000 App. H: Adam, global-norm clip 1, EMA of weights (half-life in images, EDM), linear LR
+warm-up (in images), low-discrepancy t, the adaptive schedule's bin statistics (100 bins, decay
+0.999) summed over every slot of every rank before the EMA update, so all ranks hold one schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from . import config as config_mod
+from .config import Config, ConfigError
+from .data import StreamSpec, expand_source, make_loader, probe, stable_seed, write_shards
+from .export import write_export
+from .objective import Objective, build_net, model_spec, schedule_meta
+
+__all__ = ["TrainingError", "train"]
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must look at (e.g. too many non-finite losses)."""
+
+
+# --- distributed ---------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.on:
+            dist.barrier()
+
+    def all_reduce(self, t: Tensor, op: Any = None) -> Tensor:
+        if self.on:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+
+def init_distributed(cfg: Config) -> Dist:
+    """Read torchrun's environment; NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config: device = 'cuda' but no CUDA device is available")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local, device=device)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [py[0], list(py[1]), py[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_grid(images: Tensor, path: Path, nrow: int | None = None) -> None:
+    """[-1, 1] images [N, C, H, W] → one PNG grid."""
+    from PIL import Image
+
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = torch.zeros(c, rows * (h + 2) + 2, nrow * (w + 2) + 2, dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        grid[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + k * (w + 2) : 2 + k * (w + 2) + w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
+
+
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Preemption:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: give up immediately
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.d = init_distributed(cfg)
+        d = self.d
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+            torch.backends.cudnn.benchmark = False
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.per_device, self.accum = cfg.micro_batches(d.world)
+        self.num_slots = d.world * self.accum
+        self.slots = [m * d.world + d.rank for m in range(self.accum)]
+        self.global_batch = cfg.batch.global_size
+
+        existing = ckpt.list_checkpoints(self.ckpt_dir)
+        if existing and not resume:
+            raise ConfigError(
+                f"{self.out} already holds checkpoints (latest step {existing[-1][0]}): pass "
+                f"--resume to continue, or --set out=... for a new run"
+            )
+
+        # Everything that can fail on a bad config happens here, before any step.
+        self.urls = self._prepare_data()
+        probe(self.urls, cfg.data.resolution, cfg.data.channels, cfg.data.num_classes)
+        torch.manual_seed(cfg.seed)
+        self.model = build_net(cfg).to(d.device)
+        self.objective = Objective(cfg).to(d.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        params = list(self.model.parameters()) + list(self.objective.schedule.parameters())
+        opt_cls = torch.optim.AdamW if cfg.optimizer.name == "adamw" else torch.optim.Adam
+        o = cfg.optimizer
+        self.opt = opt_cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                           weight_decay=o.weight_decay)  # fmt: skip
+        self.step = 0
+        self.nonfinite_total = 0
+        self.corrupt_base = 0
+        self.positions: dict[int, dict[int, int]] = {}
+        self._corrupt: dict[int, int] = {}
+        self.nonfinite_run = 0
+        self.resumed_from: Path | None = None
+        if resume:
+            self._load_latest()
+        if d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.write_atomic_bytes(config_mod.dumps(cfg).encode(), self.out / "config.toml")
+        self.train_model: nn.Module = self.model
+        if d.on:
+            ids = [d.local_rank] if d.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.loaders = self._make_loaders()
+
+    # --- setup ----------------------------------------------------------------------------------
+    def _prepare_data(self) -> list[str]:
+        cfg, d = self.cfg, self.d
+        if cfg.data.source != "digits":
+            return expand_source(cfg.data.source)
+        root = self.out / "data" / f"digits-{cfg.data.resolution}"
+        if d.main and not (root / "dataset.json").is_file():
+            write_shards("digits", root, maxcount=256, resolution=cfg.data.resolution,
+                         seed=cfg.seed)  # fmt: skip
+        d.barrier()
+        if cfg.data.channels != 1 or cfg.data.num_classes != 10:
+            raise ConfigError(
+                "config: data.source = 'digits' has 1 channel and 10 classes; set "
+                "data.channels = 1 and data.num_classes = 10"
+            )
+        return expand_source(str(root))
+
+    def _make_loaders(self) -> list[Any]:
+        cfg = self.cfg
+        mode = cfg.data.resume
+        if mode == "auto":
+            mode = "replay" if cfg.deterministic else "reseed"
+        loaders = []
+        nw = max(cfg.data.workers, 1)
+        for slot in self.slots:
+            replay = mode == "replay" and self.step > 0 and slot in self.positions
+            spec = StreamSpec(
+                urls=self.urls,
+                slot=slot,
+                num_slots=self.num_slots,
+                batch_size=self.per_device,
+                resolution=cfg.data.resolution,
+                channels=cfg.data.channels,
+                num_classes=cfg.data.num_classes,
+                seed=cfg.seed,
+                segment=0 if (replay or self.step == 0) else self.step,
+                flip=cfg.data.augment_flip,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                skip=dict(self.positions.get(slot, {})) if replay else {},
+                role_offset=self.step % nw if replay else 0,
+            )
+            if not replay:
+                self.positions.pop(slot, None)
+            loaders.append(make_loader(spec, cfg.data.workers))
+        return loaders
+
+    def _load_latest(self) -> None:
+        found = ckpt.find_latest(self.ckpt_dir, map_location="cpu")
+        if found is None:
+            self.log(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
+            return
+        path, state = found
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        if state.get("schedule"):
+            self.objective.schedule.load_state_dict(state["schedule"])
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        data = state.get("data", {})
+        self.corrupt_base = int(data.get("corrupt", 0))
+        if data.get("num_slots") == self.num_slots and data.get("workers") == self.cfg.data.workers:
+            self.positions = {int(k): {int(w): int(p) for w, p in v.items()}
+                              for k, v in data.get("positions", {}).items()}  # fmt: skip
+        elif self.cfg.deterministic:
+            self.log("resume: data layout changed (slots/workers); streams are reseeded")
+        _set_rng_state(state["rng"])
+        self.resumed_from = path
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # --- logging --------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.d.main:
+            print(f"[vdmpp-train] {msg}", file=sys.stderr, flush=True)
+
+    # --- one optimizer step ---------------------------------------------------------------------
+    def _batch(self, i: int) -> tuple[Tensor, Tensor | None]:
+        b = next(self.loaders[i])
+        self.positions.setdefault(self.slots[i], {})[b["worker"]] = b["pos"]
+        self._corrupt[self.slots[i]] = b["corrupt"]
+        x = b["image"].to(self.d.device, non_blocking=True).float() / 127.5 - 1.0
+        labels = b["label"].to(self.d.device) if self.cfg.data.num_classes is not None else None
+        return x, labels
+
+    def _lr(self) -> float:
+        o = self.cfg.optimizer
+        if o.warmup_images <= 0:
+            return o.lr
+        return o.lr * min(1.0, (self.step + 1) * self.global_batch / o.warmup_images)
+
+    def _ema_beta(self) -> float:
+        e = self.cfg.ema
+        if e.halflife_images is not None:
+            return 0.5 ** (self.global_batch / e.halflife_images)
+        return e.decay
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, d = self.cfg, self.d
+        lr = self._lr()
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.train_model.train()
+        sched = self.objective.schedule
+        adaptive = hasattr(sched, "bin_stats")
+        stats = sched.ema.new_zeros(2, sched.bins) if adaptive else None
+        bins = cfg.log.loss_bins
+        lo, hi = float(sched.logsnr_min), float(sched.logsnr_max)
+        loss_sum = torch.zeros((), device=d.device, dtype=torch.float64)
+        bin_acc = torch.zeros(2, bins, device=d.device, dtype=torch.float64)
+        autocast = (
+            torch.autocast(d.device.type, dtype=torch.bfloat16)
+            if cfg.precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        for i, slot in enumerate(self.slots):
+            x, labels = self._batch(i)
+            gen = torch.Generator(device=d.device)
+            gen.manual_seed(stable_seed("noise", cfg.seed, slot, self.step))
+            torch.manual_seed(stable_seed("dropout", cfg.seed, slot, self.step))
+            last = i == len(self.slots) - 1
+            sync = contextlib.nullcontext()
+            if d.on and not last:
+                sync = self.train_model.no_sync()
+            with sync:
+                with autocast:
+                    loss, lam, mse = self.objective(self.train_model, x, labels, gen)
+                (loss.mean() / self.accum).backward()
+            loss_d = loss.detach().double()
+            loss_sum += loss_d.sum()
+            k = ((lam.double() - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1).long()
+            bin_acc[0].index_add_(0, k, torch.nan_to_num(loss_d, nan=0.0, posinf=0.0))
+            bin_acc[1].index_add_(0, k, torch.ones_like(loss_d))
+            if adaptive:
+                stats += sched.bin_stats(lam, mse)
+        loss_sum = d.all_reduce(loss_sum)
+        mean_loss = float(loss_sum) / self.global_batch
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        ok = math.isfinite(mean_loss) and math.isfinite(grad_norm)
+        if ok:
+            self.opt.step()
+            self._update_ema()
+            if adaptive:
+                sched.apply_stats(d.all_reduce(stats))
+            self.nonfinite_run = 0
+        else:
+            self.nonfinite_run += 1
+            self.nonfinite_total += 1
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": mean_loss, "grad_norm": grad_norm, "lr": lr, "ok": ok, "bins": bin_acc}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        beta = self._ema_beta()
+        ema_p = list(self.ema.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in self.model.parameters()], 1.0 - beta)
+        for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
+            b_ema.copy_(b)
+
+    # --- checkpoint / export / samples ------------------------------------------------------------
+    def _gather_positions(self) -> tuple[dict[int, dict[int, int]], int]:
+        mine = ({s: self.positions.get(s, {}) for s in self.slots}, sum(self._corrupt.values()))
+        if not self.d.on:
+            return mine
+        parts: list[Any] = [None] * self.d.world
+        dist.all_gather_object(parts, mine)
+        pos: dict[int, dict[int, int]] = {}
+        for p, _ in parts:
+            pos.update(p)
+        return pos, sum(c for _, c in parts)
+
+    def schedule_spread(self) -> float:
+        """max − min over ranks of the adaptive bins (0: every rank holds the same schedule)."""
+        sched = self.objective.schedule
+        if not hasattr(sched, "ema"):
+            return 0.0
+        hi = sched.ema.detach().double().clone()
+        lo = -hi
+        if self.d.on:
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+            dist.all_reduce(lo, op=dist.ReduceOp.MAX)
+        return float((hi + lo).abs().max())
+
+    def corrupt_total(self) -> int:
+        c = torch.tensor(float(sum(self._corrupt.values())), device=self.d.device)
+        return self.corrupt_base + int(self.d.all_reduce(c).item())
+
+    def save_checkpoint(self) -> None:
+        positions, corrupt = self._gather_positions()  # collective: every rank calls
+        sched = self.objective.schedule
+        if self.d.main:
+            state = {
+                "format": ckpt.FORMAT,
+                "version": 1,
+                "step": self.step,
+                "config": config_mod.dumps(self.cfg),
+                "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "schedule": sched.state_dict() if isinstance(sched, nn.Module) else {},
+                "rng": _rng_state(),
+                "data": {
+                    "num_slots": self.num_slots,
+                    "workers": self.cfg.data.workers,
+                    "positions": positions,
+                    "corrupt": self.corrupt_base + corrupt,
+                },
+                "nonfinite_total": self.nonfinite_total,
+                "world_size": self.d.world,
+            }
+            ckpt.save_atomic(state, ckpt.checkpoint_path(self.ckpt_dir, self.step))
+            ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep)
+            self.export()
+        self.d.barrier()
+
+    def export(self) -> None:
+        cfg = self.cfg
+        sched = self.objective.schedule
+        meta = {
+            "model": model_spec(cfg),
+            "parameterization": cfg.objective.parameterization,
+            "process": cfg.objective.process,
+            "sigma_data": cfg.objective.sigma_data,
+            "resolution": cfg.data.resolution,
+            "channels": cfg.data.channels,
+            "num_classes": cfg.data.num_classes,
+            "data_range": [-1, 1],
+            "logsnr_min": float(sched.logsnr_min),
+            "logsnr_max": float(sched.logsnr_max),
+            "schedule": schedule_meta(cfg, sched),
+            "step": self.step,
+        }
+        write_export(self.out / "export", self.ema.state_dict(), meta)
+
+    @torch.no_grad()
+    def save_samples(self) -> Path | None:
+        if not self.d.main:
+            return None
+        from vdmpp.samplers import as_denoiser, heun, karras_sigmas
+
+        cfg, s = self.cfg, self.cfg.sample
+        dev = self.d.device
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+        shape = (s.count, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+        noise = torch.randn(shape, generator=gen, device=dev)
+        labels = None
+        if cfg.data.num_classes is not None:
+            labels = torch.arange(s.count, device=dev) % cfg.data.num_classes
+        den = as_denoiser(self.ema, cfg.objective.parameterization, cfg.objective.process,
+                          sigma_data=cfg.objective.sigma_data)  # fmt: skip
+        sigmas = karras_sigmas(s.steps, s.sigma_min, s.sigma_max, s.rho)
+        x = heun(den, noise, sigmas.to(dev), extra_args={"class_labels": labels},
+                 check_finite=False)  # fmt: skip
+        path = self.out / "samples" / f"step-{self.step:09d}.png"
+        _save_grid(x, path, nrow=max(cfg.data.num_classes or 0, 1) if labels is not None else None)
+        return path
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, d = self.cfg, self.d
+        self.nonfinite_run = 0
+        metrics_f = open(self.out / "metrics.jsonl", "a") if d.main else None  # noqa: SIM115
+        tb = self._tensorboard()
+        bar = None
+        if d.main and cfg.log.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.name, dynamic_ncols=True)
+        window: dict[str, Any] = {"loss": 0.0, "n": 0, "gn": 0.0, "t": time.perf_counter(),
+                                  "imgs": 0, "bins": None}  # fmt: skip
+        result: dict[str, Any] = {"status": "done"}
+        try:
+            with _Preemption() as pre:
+                while self.step < cfg.steps:
+                    m = self.train_step()
+                    if m["ok"]:
+                        window["loss"] += m["loss"]
+                        window["gn"] += m["grad_norm"]
+                        window["n"] += 1
+                    window["imgs"] += self.global_batch
+                    b = m["bins"]
+                    window["bins"] = b if window["bins"] is None else window["bins"] + b
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{m['loss']:.4g}", refresh=False)
+                    if self.nonfinite_run >= cfg.nan_patience:
+                        self.save_checkpoint()
+                        raise TrainingError(
+                            f"{self.nonfinite_run} non-finite losses/gradients in a row at step "
+                            f"{self.step}; checkpoint written, stopping (nan_patience)"
+                        )
+                    last = self.step >= cfg.steps
+                    if self.step % cfg.log.every == 0 or last:
+                        self._log_metrics(m, window, metrics_f, tb)
+                    if cfg.sample.every and (self.step % cfg.sample.every == 0 or last):
+                        self.save_samples()
+                        d.barrier()
+                    stop = torch.tensor(float(pre.signal is not None), device=d.device)
+                    if d.all_reduce(stop, dist.ReduceOp.MAX if d.on else None).item() > 0:
+                        self.save_checkpoint()
+                        self.log(f"signal received: checkpoint at step {self.step}, exiting")
+                        result = {"status": "preempted"}
+                        break
+                    if self.step % cfg.checkpoint.every == 0 or last:
+                        self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics_f is not None:
+                metrics_f.close()
+            if tb is not None:
+                tb.close()
+        result.update(step=self.step, out=str(self.out), nonfinite=self.nonfinite_total)
+        return result
+
+    def _tensorboard(self) -> Any:
+        if not (self.cfg.log.tensorboard and self.d.main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.log("log.tensorboard = true but tensorboard is not installed; skipping")
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _log_metrics(self, m: dict, window: dict, f: Any, tb: Any) -> None:
+        cfg = self.cfg
+        bins = self.d.all_reduce(window["bins"].clone())
+        corrupt = self.corrupt_total()
+        spread = self.schedule_spread()
+        if not self.d.main:
+            window.update(loss=0.0, n=0, gn=0.0, imgs=0, bins=None, t=time.perf_counter())
+            return
+        now = time.perf_counter()
+        n = max(window["n"], 1)
+        sched = self.objective.schedule
+        lo, hi = float(sched.logsnr_min), float(sched.logsnr_max)
+        edges = torch.linspace(lo, hi, cfg.log.loss_bins + 1).tolist()
+        per_bin = (bins[0] / bins[1].clamp_min(1)).tolist()
+        rec: dict[str, Any] = {
+            "step": self.step,
+            "images": self.step * self.global_batch,
+            "loss": window["loss"] / n if window["n"] else float("nan"),
+            "lr": m["lr"],
+            "grad_norm": window["gn"] / n if window["n"] else float("nan"),
+            "images_per_s": window["imgs"] / max(now - window["t"], 1e-9),
+            "loss_per_logsnr_bin": {
+                "edges": edges,
+                "loss": [v if c > 0 else None for v, c in zip(per_bin, bins[1].tolist())],
+            },
+            "nonfinite_steps": self.nonfinite_total,
+            "corrupt_samples": corrupt,
+        }
+        if hasattr(sched, "cdf"):
+            rec["adaptive_rank_spread"] = spread
+            rec["adaptive_density"] = ((sched.cdf[1:] - sched.cdf[:-1]) / sched.width).tolist()
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        if tb is not None:
+            for k in ("loss", "lr", "grad_norm", "images_per_s", "corrupt_samples"):
+                tb.add_scalar(k, rec[k], self.step)
+        window.update(loss=0.0, n=0, gn=0.0, imgs=0, bins=None, t=now)
+
+
+def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` (validated first); return {"status", "step", "out", "nonfinite"}."""
+    cfg.validate()
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.d.on and dist.is_initialized():
+            dist.destroy_process_group()
