@@ -128,7 +128,7 @@ def reconstruction_loss(
     delta = 2.0 / k_max
     xf = -1.0 + delta * idx.to(dtype)
     zt = xf + s * noise
-    width = math.ceil(8.0 * float(s) / delta) + 1
+    width = math.ceil(8.0 * float(s.detach()) / delta) + 1
     if 2 * width + 1 >= k_max + 1:
         ks = torch.arange(k_max + 1, device=x.device).expand(*x.shape, k_max + 1)
     else:

@@ -36,6 +36,10 @@ class LossOutput(NamedTuple):
     t: Tensor
 
 
+def _scalar(v: Tensor | float) -> float:
+    return float(v.detach()) if isinstance(v, Tensor) else float(v)
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
@@ -110,7 +114,7 @@ class WeightedLoss:
             )
 
     def _check_range(self) -> None:
-        lo, hi = float(self.schedule.logsnr_min), float(self.schedule.logsnr_max)
+        lo, hi = _scalar(self.schedule.logsnr_min), _scalar(self.schedule.logsnr_max)
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"schedule has an invalid λ range [{lo}, {hi}]")
         supported = getattr(self.weighting, "logsnr_range", None)
