@@ -75,6 +75,8 @@ def write_export(directory: str | Path, state_dict: dict[str, torch.Tensor], met
 
 def _locate(path: str | Path) -> tuple[Path, Path]:
     p = Path(path)
+    if not p.exists():
+        raise ExportError(f"{p}: missing (expected a run dir, export dir or ema.safetensors)")
     if p.is_dir():
         if (p / "export" / META).is_file():
             p = p / "export"
