@@ -56,7 +56,10 @@ class SampleInfo:
 
 def _grid(sigmas: Tensor | Sequence[float]) -> list[float]:
     """Validate a σ grid once (on the CPU) and return it as Python floats."""
-    s = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+    if isinstance(sigmas, Tensor):
+        s = sigmas.detach().to("cpu", torch.float64)  # the one device→host copy, before the loop
+    else:
+        s = torch.tensor(sigmas, dtype=torch.float64)
     if s.ndim != 1 or s.numel() < 2:
         raise ValueError(f"sigmas must be a 1-D grid with at least 2 entries, got {tuple(s.shape)}")
     ts = s.tolist()
