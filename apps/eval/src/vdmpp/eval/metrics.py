@@ -1,0 +1,215 @@
+"""``vdmpp-eval metrics``: FID, IS, KID, precision/recall through torch-fidelity, in memory.
+
+Images never round-trip through files: both sets are uint8 tensors wrapped in a
+``torch.utils.data.Dataset`` and handed to torch-fidelity's feature extractors; the metrics are
+torch-fidelity's own functions on those features. Reference features are cached (safetensors,
+keyed by a hash of the images, the extractor and its weights) under ``$VDMPP_CACHE/eval``.
+
+Inception weights offline. torch-fidelity's ``inception-v3-compat`` loads a state dict saved
+with ``torch.save`` (``feature_extractor_weights_path``). vdmpp-eval takes the file from
+``--inception-weights PATH`` or ``$VDMPP_INCEPTION_WEIGHTS`` (else torch hub's cache, where
+torch-fidelity itself downloads it), reads it with ``weights_only=True`` and checks the keys,
+and hands torch-fidelity a verified copy in its cache — never the user's file, which
+torch-fidelity would unpickle without restriction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._compat import import_torch_fidelity
+from .digits import cache_dir
+from .model import EvalError
+
+__all__ = [
+    "INCEPTION_FILE",
+    "INCEPTION_URL",
+    "compute_metrics",
+    "extract_features",
+    "inception_weights",
+]
+
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+    "weights-inception-2015-12-05-6726825d.pth"
+)
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION = "inception-v3-compat"
+_INCEPTION_KEYS = ("Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.conv.weight", "fc.weight")
+
+
+def _missing_weights_message(path: Path | None) -> str:
+    where = f"{path} does not exist. " if path is not None else ""
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    return (
+        f"Inception weights not found. {where}FID/IS/KID/PR use torch-fidelity's "
+        f"Inception-v3 ({INCEPTION}), whose weights this machine cannot download. Fetch\n"
+        f"  {INCEPTION_URL}\n"
+        f"(~92 MB) on a machine with internet access, copy it here, and pass "
+        f"--inception-weights PATH or set VDMPP_INCEPTION_WEIGHTS=PATH (or put it at {hub})."
+    )
+
+
+def inception_weights(path: str | Path | None = None, *, required: bool = True) -> Path | None:
+    """A verified copy of the Inception state dict for torch-fidelity, or None if absent.
+
+    ``path``: explicit file (an error if missing), else ``$VDMPP_INCEPTION_WEIGHTS``, else torch
+    hub's cache. With nothing found: EvalError naming what to download (``required``) or None.
+    """
+    explicit = path or os.environ.get("VDMPP_INCEPTION_WEIGHTS") or None
+    p = Path(explicit) if explicit else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if not p.is_file():
+        if explicit or required:
+            raise EvalError(_missing_weights_message(p if explicit else None))
+        return None
+    data = p.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    safe = cache_dir() / "eval" / f"inception-{digest}.pt"
+    if safe.is_file():
+        return safe
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EvalError(
+            f"{p}: not a weights-only state dict (refusing to unpickle it): "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ) from None
+    if not isinstance(state, dict) or not all(k in state for k in _INCEPTION_KEYS):
+        raise EvalError(f"{p}: not torch-fidelity's Inception-v3 state dict (keys "
+                        f"{_INCEPTION_KEYS} expected); download {INCEPTION_URL}")
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    safe.parent.mkdir(parents=True, exist_ok=True)
+    tmp = safe.with_name(f".{safe.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, safe)
+    return safe
+
+
+class _Images(torch.utils.data.Dataset):
+    """uint8 [N, H, W, C] as uint8 [C, H, W] tensors (3 channels for Inception)."""
+
+    def __init__(self, images: np.ndarray, rgb: bool) -> None:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        self.x = x.expand(-1, 3, -1, -1) if rgb and x.shape[1] == 1 else x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i].contiguous()
+
+
+def extract_features(
+    images: np.ndarray,
+    extractor: str,
+    layers: list[str],
+    *,
+    weights: str | Path | None = None,
+    cuda: bool | None = None,
+    batch_size: int = 64,
+    cache: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Features of uint8 images [N, H, W, C] from a torch-fidelity feature extractor."""
+    import_torch_fidelity()
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
+        raise EvalError(f"expected a non-empty uint8 [N, H, W, C] array, got {images.dtype} "
+                        f"{images.shape}")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    key = None
+    if cache:
+        h = hashlib.sha256(images.tobytes())
+        h.update(repr((images.shape, extractor, sorted(layers))).encode())
+        if weights is not None:
+            h.update(Path(weights).name.encode())
+        key = cache_dir() / "eval" / "features" / f"{extractor}-{h.hexdigest()[:24]}.safetensors"
+        if key.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(key))
+    kw: dict[str, Any] = {"verbose": False}
+    if weights is not None:
+        kw["feature_extractor_weights_path"] = str(weights)
+    fe = create_feature_extractor(extractor, list(layers), cuda=cuda, **kw)
+    feats = get_featuresdict_from_dataset(
+        _Images(images, rgb=extractor == INCEPTION), fe, batch_size, cuda, True, False
+    )
+    feats = {k: v.float().contiguous() for k, v in feats.items()}
+    if key is not None:
+        from safetensors.torch import save_file
+
+        key.parent.mkdir(parents=True, exist_ok=True)
+        tmp = key.with_name(f".{key.name}.{os.getpid()}.tmp")
+        save_file(feats, str(tmp))
+        os.replace(tmp, key)
+    return feats
+
+
+def fid_from_features(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """Fréchet distance between two feature sets (torch-fidelity's FID formula, float64)."""
+    import_torch_fidelity()
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    s1 = fid_features_to_statistics(f1.double())
+    s2 = fid_features_to_statistics(f2.double())
+    return float(fid_statistics_to_metric(s1, s2, False)["frechet_inception_distance"])
+
+
+def compute_metrics(
+    samples: np.ndarray,
+    reference: np.ndarray,
+    *,
+    extractor: str = INCEPTION,
+    weights: str | Path | None = None,
+    metrics: tuple[str, ...] = ("fid", "isc", "kid", "prc"),
+    cuda: bool | None = None,
+    batch_size: int = 64,
+    kid_subsets: int = 100,
+) -> dict[str, float]:
+    """FID/IS/KID/PR of ``samples`` against ``reference`` (both uint8 [N, H, W, C])."""
+    import_torch_fidelity()
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    if extractor == "digits":
+        from . import digits
+
+        extractor = digits.register()
+    if extractor == INCEPTION:
+        weights = inception_weights(weights)
+    fid_layer = "2048" if extractor == INCEPTION else "128"
+    logit_layer = "logits_unbiased" if extractor == INCEPTION else "logits"
+    layers = [fid_layer] + ([logit_layer] if "isc" in metrics else [])
+    common = dict(weights=weights, cuda=cuda, batch_size=batch_size)
+    f1 = extract_features(samples, extractor, layers, **common)
+    out: dict[str, float] = {}
+    if "isc" in metrics:
+        isc = isc_features_to_metric(f1[logit_layer], splits=10, shuffle=True, rng_seed=2020)
+        out["isc_mean"] = float(isc["inception_score_mean"])
+        out["isc_std"] = float(isc["inception_score_std"])
+    if not {"fid", "kid", "prc"} & set(metrics):
+        return out
+    f2 = extract_features(reference, extractor, [fid_layer], cache=True, **common)[fid_layer]
+    a = f1[fid_layer]
+    if "fid" in metrics:
+        out["fid"] = fid_from_features(a, f2)
+    if "kid" in metrics:
+        size = min(1000, len(a), len(f2))
+        kid = kid_features_to_metric(a, f2, kid_subsets=kid_subsets, kid_subset_size=size,
+                                     verbose=False)
+        out["kid_mean"] = float(kid["kernel_inception_distance_mean"])
+        out["kid_std"] = float(kid["kernel_inception_distance_std"])
+    if "prc" in metrics:
+        prc = prc_features_to_metric(a, f2, verbose=False)
+        out["precision"] = float(prc["precision"])
+        out["recall"] = float(prc["recall"])
+    return out

@@ -1,0 +1,317 @@
+"""``vdmpp-eval sample``: seeds → images, sharded across ranks, resumable.
+
+Reproducibility. Image k is drawn from seed k alone: its initial noise and every noise a
+stochastic sampler adds come from its own generator (``vdmpp.samplers.PerSampleGenerator``) and
+its class label is ``seed % num_classes`` (or ``--class``). So the image does not depend on the
+batch size, the chunking, the number of ranks or which rank drew it (on one device type).
+
+Layout of ``OUT``::
+
+    sample.json                          the settings (a rerun must match them)
+    chunks/seeds-<first>-<last>.npz      images uint8 [n, H, W, C], seeds, labels; atomic
+    samples.npz                          all requested seeds, in order (written by rank 0)
+    grid.png                             the first ``grid`` images
+
+The seed list is cut into chunks of ``chunk`` consecutive entries; chunk j belongs to rank
+j % world. A chunk whose file exists with the right seeds is skipped, so an interrupted run
+resumes where it stopped (losing at most one chunk per rank).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .model import EvalError, denoiser_for, to_uint8
+
+__all__ = [
+    "SAMPLERS",
+    "SampleSpec",
+    "assemble",
+    "generate",
+    "labels_for",
+    "parse_seeds",
+    "run_shard",
+    "save_grid",
+]
+
+SAMPLERS = ("heun", "edm", "euler", "ddpm", "ddim")
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything that decides image k besides seed k and the model."""
+
+    sampler: str = "heun"
+    steps: int = 18
+    churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+    eta: float = 0.0
+    guidance: float = 1.0
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    class_label: int | None = None
+    precision: str = "fp32"
+
+    def validate(self, meta: dict) -> SampleSpec:
+        if self.sampler not in SAMPLERS:
+            raise EvalError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
+        if self.steps < 1:
+            raise EvalError(f"--steps must be >= 1, got {self.steps}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise EvalError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
+                            f"{self.sigma_max}")
+        if self.precision not in ("fp32", "bf16"):
+            raise EvalError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        n = meta.get("num_classes")
+        if self.class_label is not None and (not n or not 0 <= self.class_label < n):
+            raise EvalError(f"--class {self.class_label} is outside the model's classes "
+                            f"({n or 'unconditional'})")
+        if self.guidance != 1.0 and not n:
+            raise EvalError("--guidance needs a class-conditional model")
+        return self
+
+    def sigmas(self) -> torch.Tensor:
+        from vdmpp.samplers import karras_sigmas
+
+        return karras_sigmas(self.steps, self.sigma_min, self.sigma_max, self.rho)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-49999"``, ``"3"``, ``"0,5,10-19"`` → sorted unique seeds in [0, 2³²−1]."""
+    seeds: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(-?\d+)(?:\s*-\s*(-?\d+))?", part)
+        if not m:
+            raise EvalError(f"--seeds: cannot parse {part!r} (use e.g. 0-49999 or 0,5,10-19)")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if lo < 0 or hi > MAX_SEED:
+            raise EvalError(f"--seeds: {part!r} is out of range; seeds lie in [0, {MAX_SEED}]")
+        if hi < lo:
+            raise EvalError(f"--seeds: empty range {part!r} (the end is below the start)")
+        if hi - lo >= 10_000_000:
+            raise EvalError(f"--seeds: {part!r} asks for more than 10 million images")
+        seeds.update(range(lo, hi + 1))
+    return sorted(seeds)
+
+
+def labels_for(seeds: Sequence[int], meta: dict, spec: SampleSpec) -> np.ndarray | None:
+    """Class label of each seed: ``spec.class_label``, else ``seed % num_classes``."""
+    n = meta.get("num_classes")
+    if not n:
+        return None
+    if spec.class_label is not None:
+        return np.full(len(seeds), spec.class_label, np.int64)
+    return np.asarray(seeds, np.int64) % int(n)
+
+
+def _run_sampler(denoiser, noise, spec: SampleSpec, gen, extra: dict) -> tuple[torch.Tensor, int]:
+    from vdmpp import samplers as S
+
+    sigmas = spec.sigmas()
+    common: dict[str, Any] = dict(generator=gen, extra_args=extra, return_info=True)
+    if spec.sampler == "edm":
+        x, info = S.edm_stochastic(denoiser, noise, sigmas, churn=spec.churn, s_tmin=spec.s_tmin,
+                                   s_tmax=spec.s_tmax, s_noise=spec.s_noise, **common)
+    elif spec.sampler == "ddim":
+        x, info = S.ddim(denoiser, noise, sigmas, eta=spec.eta, **common)
+    else:
+        x, info = getattr(S, spec.sampler)(denoiser, noise, sigmas, **common)
+    return x, info.nfe
+
+
+def generate(
+    model: Any,
+    meta: dict,
+    seeds: Sequence[int],
+    spec: SampleSpec,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(uint8 images [n, H, W, C], labels or None, NFE per image) for ``seeds``."""
+    from vdmpp.samplers import PerSampleGenerator, guided
+
+    spec.validate(meta)
+    device = torch.device(device)
+    shape = (int(meta["channels"]), int(meta["resolution"]), int(meta["resolution"]))
+    labels = labels_for(seeds, meta, spec)
+    denoiser = denoiser_for(model, meta)
+    if spec.guidance != 1.0:
+        denoiser = guided(denoiser, spec.guidance)
+    data_range = tuple(meta.get("data_range", (-1.0, 1.0)))
+    out, nfe = [], 0
+    for i in range(0, len(seeds), batch_size):
+        batch = list(seeds[i : i + batch_size])
+        gen = PerSampleGenerator(batch, device)
+        noise = gen.randn(shape)
+        extra = {}
+        if labels is not None:
+            extra["class_labels"] = torch.as_tensor(labels[i : i + batch_size], device=device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=spec.precision == "bf16"):
+            x, nfe = _run_sampler(denoiser, noise, spec, gen, extra)
+        out.append(to_uint8(x, data_range))  # type: ignore[arg-type]
+        if progress is not None:
+            progress(len(batch))
+    images = np.concatenate(out) if out else np.zeros((0, *shape[1:], shape[0]), np.uint8)
+    return images, labels, nfe
+
+
+# --- files ---------------------------------------------------------------------------------
+def _chunk_path(out: Path, seeds: Sequence[int]) -> Path:
+    return out / "chunks" / f"seeds-{seeds[0]:010d}-{seeds[-1]:010d}.npz"
+
+
+def _chunk_done(path: Path, seeds: Sequence[int]) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return np.array_equal(z["seeds"], np.asarray(seeds, np.int64)) and "images" in z.files
+    except Exception:  # a torn or foreign file: redo the chunk
+        return False
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def settings_record(spec: SampleSpec, meta: dict, checkpoint: str) -> dict[str, Any]:
+    s = asdict(spec)
+    s["s_tmax"] = None if math.isinf(spec.s_tmax) else spec.s_tmax
+    return {"checkpoint": str(Path(checkpoint).resolve()), "step": meta.get("step"),
+            "resolution": meta["resolution"], "channels": meta["channels"],
+            "num_classes": meta.get("num_classes"), "spec": s}
+
+
+def check_settings(out: Path, record: dict[str, Any]) -> None:
+    """Write ``sample.json``, or make sure an existing one describes the same sampling."""
+    path = out / "sample.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        keys = [k for k in record if k != "nfe" and old.get(k) != record[k]]
+        if keys:
+            raise EvalError(
+                f"{out} holds samples made with other settings ({', '.join(keys)} differ: "
+                f"{ {k: old.get(k) for k in keys} } vs { {k: record[k] for k in keys} }); "
+                "choose another --out or delete it"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".sample.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def shard_chunks(seeds: Sequence[int], chunk: int, rank: int, world: int) -> list[list[int]]:
+    """The chunks of ``seeds`` that ``rank`` of ``world`` draws."""
+    if chunk < 1:
+        raise EvalError(f"--chunk must be >= 1, got {chunk}")
+    if not 0 <= rank < world:
+        raise EvalError(f"rank {rank} is outside a world of {world}")
+    chunks = [list(seeds[i : i + chunk]) for i in range(0, len(seeds), chunk)]
+    return chunks[rank::world]
+
+
+def run_shard(
+    model: Any,
+    meta: dict,
+    seeds: Sequence[int],
+    spec: SampleSpec,
+    out: str | Path,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    chunk: int = 500,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, int]:
+    """Draw this rank's chunks that are not on disk yet; return {"done", "skipped", "nfe"}."""
+    out = Path(out)
+    mine = shard_chunks(seeds, chunk, rank, world)
+    todo = [c for c in mine if not _chunk_done(_chunk_path(out, c), c)]
+    skipped = sum(len(c) for c in mine) - sum(len(c) for c in todo)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(c) for c in todo), unit="img", desc=f"sampling (rank {rank})",
+                   dynamic_ncols=True)
+    nfe = 0
+    try:
+        for c in todo:
+            images, labels, nfe = generate(model, meta, c, spec, device=device,
+                                           batch_size=batch_size,
+                                           progress=bar.update if bar else None)
+            arrays = {"images": images, "seeds": np.asarray(c, np.int64)}
+            if labels is not None:
+                arrays["labels"] = labels
+            _write_npz(_chunk_path(out, c), **arrays)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"done": sum(len(c) for c in todo), "skipped": skipped, "nfe": nfe}
+
+
+def assemble(out: str | Path, seeds: Sequence[int], chunk: int = 500, grid: int = 64) -> Path:
+    """Gather every chunk of ``seeds`` into ``samples.npz`` (+ ``grid.png``); return its path."""
+    out = Path(out)
+    images, labels, have_labels = [], [], True
+    for i in range(0, len(seeds), chunk):
+        c = list(seeds[i : i + chunk])
+        path = _chunk_path(out, c)
+        if not _chunk_done(path, c):
+            raise EvalError(f"{path}: chunk missing; rerun `vdmpp-eval sample` to finish")
+        with np.load(path, allow_pickle=False) as z:
+            images.append(z["images"])
+            have_labels = have_labels and "labels" in z.files
+            if have_labels:
+                labels.append(z["labels"])
+    arrays = {"images": np.concatenate(images), "seeds": np.asarray(seeds, np.int64)}
+    if have_labels:
+        arrays["labels"] = np.concatenate(labels)
+    _write_npz(out / "samples.npz", **arrays)
+    if grid > 0:
+        save_grid(arrays["images"][:grid], out / "grid.png")
+    return out / "samples.npz"
+
+
+def save_grid(
+    images: np.ndarray, path: str | Path, cols: int | None = None, scale: int = 0
+) -> Path:
+    """uint8 [N, H, W, C] → one PNG grid (1-pixel gaps), upscaled so small images stay visible."""
+    n, h, w, c = images.shape
+    cols = cols or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    scale = scale or max(1, 64 // max(h, w))
+    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        y0, x0 = 1 + r * (h + 1), 1 + q * (w + 1)
+        canvas[y0 : y0 + h, x0 : x0 + w] = images[k]
+    canvas = canvas.repeat(scale, 0).repeat(scale, 1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
+    return Path(path)
