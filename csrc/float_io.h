@@ -26,11 +26,10 @@ struct FloatIO<uint16_t> {  // bfloat16 bits
     return f;
   }
   static inline uint16_t store(float f) {
-    if (f != f) return 0x7FC0;  // quiet NaN
     uint32_t u;
     std::memcpy(&u, &f, sizeof u);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
+    const auto rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? static_cast<uint16_t>(0x7FC0) : rounded;  // branch-free: vectorises
   }
 };
 
