@@ -61,7 +61,7 @@ def test_train_exact_resume_after_sigkill(cli_env, small, tmp_path) -> None:
     resumed = _launch([*args(tmp_path / "b"), "--resume"], cli_env)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
-    assert f"resumed from" in err
+    assert "resumed from" in err
 
     _, a = find_latest(tmp_path / "a" / "checkpoints")
     _, b = find_latest(tmp_path / "b" / "checkpoints")
