@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +13,26 @@ from torch import Tensor, nn
 from .base import check_logsnr_range, check_unit_interval
 
 __all__ = ["Adaptive"]
+
+_kernels_cache: list[ModuleType | None] = []  # [] until the first try, then [module or None]
+
+
+def _kernels() -> ModuleType | None:
+    """``vdmpp.kernels`` if installed and loaded (cached); else None, warning once if broken."""
+    if not _kernels_cache:
+        try:
+            import vdmpp.kernels as K
+        except Exception as e:  # absent: silent; present but broken: say why, once
+            K = None
+            if not (isinstance(e, ImportError) and e.name == "vdmpp.kernels"):
+                warnings.warn(
+                    f"vdmpp.kernels failed to load ({type(e).__name__}: {e}); Adaptive.update "
+                    "uses the pure-PyTorch reference",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        _kernels_cache.append(K if K is not None and K.available() else None)
+    return _kernels_cache[0]
 
 
 class Adaptive(nn.Module):
@@ -99,9 +122,32 @@ class Adaptive(nn.Module):
         self.ema.copy_(torch.where(hit, self.decay * self.ema + (1 - self.decay) * mean, self.ema))
         self.cdf.copy_(self.cdf_from_ema(self.ema))
 
+    def _kernel(self) -> ModuleType | None:
+        """The fused-kernel module unless disabled (``force_reference``, ``VDMPP_KERNELS=0``)."""
+        if self.force_reference or os.environ.get("VDMPP_KERNELS", "").strip() == "0":
+            return None
+        return _kernels()
+
     @torch.no_grad()
     def update(self, logsnr: Tensor, loss: Tensor) -> None:
-        """One EMA update from λ and the unweighted per-example ‖ε − ε̂‖² (seed 000 App. H)."""
+        """One EMA update from λ and the unweighted per-example ‖ε − ε̂‖² (seed 000 App. H).
+
+        Runs the fused ``vdmpp::adaptive_ema_update`` (same result) when ``vdmpp.kernels`` can
+        serve these tensors, else :meth:`bin_stats` → :meth:`apply_stats`.
+        """
+        K = self._kernel()
+        if K is not None and logsnr.dim() == 1 and logsnr.shape == loss.shape:
+            lam = logsnr.detach().to(self.ema.dtype)
+            if K.can_use("adaptive_ema_update", self.ema, lam):
+                value = self.weighting(lam) * loss.detach().to(self.ema.dtype)
+                if value.shape == lam.shape and K.can_use(
+                    "adaptive_ema_update", self.ema, lam, value
+                ):
+                    K.adaptive_ema_update(
+                        self.ema, self.cdf, lam, value, self.decay, self.logsnr_min,
+                        self.logsnr_max,
+                    )  # fmt: skip
+                    return
         self.apply_stats(self.bin_stats(logsnr, loss))
 
     # --- the schedule -------------------------------------------------------------------------
