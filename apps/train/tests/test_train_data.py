@@ -92,7 +92,7 @@ def test_train_wrong_image_size_is_a_clear_error_before_training(small, tmp_path
     with pytest.raises(C.ConfigError, match=r"data.resolution = 8 but .* holds 16×16"):
         train(cfg)
     assert not (tmp_path / "r" / "checkpoints").exists()
-    with pytest.raises(C.ConfigError, match="no .tar shards"):
+    with pytest.raises(C.ConfigError, match=r"no \.tar shards"):
         expand_source(str(tmp_path))
     with pytest.raises(C.ConfigError, match="missing"):
         expand_source(str(tmp_path / "s16" / "shard-{000000..000009}.tar"))

@@ -106,7 +106,7 @@ def test_train_sigkill_while_writing_never_breaks_the_latest_checkpoint(cli_env,
         if found is None:  # killed before the first checkpoint completed
             assert step == 0
             continue
-        path, state = found
+        _, state = found
         assert state["step"] == list_checkpoints(d)[-1][0]  # the newest file is readable
         assert torch.equal(state["model"]["w"][:3], state["model"]["w"][:3])
         step = state["step"]
@@ -124,7 +124,7 @@ def test_train_truncated_or_foreign_checkpoints_are_skipped_or_refused(tmp_path)
     data = (d / "ckpt-000000002.pt").read_bytes()
     (d / "ckpt-000000002.pt").write_bytes(data[: len(data) // 2])  # torn write from elsewhere
     with pytest.warns(UserWarning, match="unreadable"):
-        path, state = find_latest(d)
+        _, state = find_latest(d)
     assert state["step"] == 1
 
     class Payload:  # an arbitrary pickled object: must never be unpickled
