@@ -54,9 +54,9 @@ def exact_model(parameterization, process):
             return -eps / sigma
         if parameterization == "flow":
             return x - eps
-        # edm: seed 000 eq. 120, F = √(e^{−λ}+σ_d²)/(e^{−λ/2}σ_d)·x − σ_d α/(e^{−λ/2}√(…))·z
+        # edm: F = (x − c_skip·z/α)/c_out = √(e^{−λ}+σ_d²)/(e^{−λ/2}σ_d)·x − σ_d/(e^{−λ/2}√(…))·z/α
         root = torch.sqrt(torch.exp(-lam) + SIGMA_DATA**2)
-        return root / (sigma_edm * SIGMA_DATA) * x - SIGMA_DATA * alpha / (sigma_edm * root) * z
+        return root / (sigma_edm * SIGMA_DATA) * x - SIGMA_DATA / (sigma_edm * root) * z / alpha
 
     return model
 

@@ -49,11 +49,12 @@ class ModelDenoiser:
     v         v = αε − σ_p x (D.2)                        (α z − σ_p·o)/(α² + σ_p²)
     score     ∇_z log q(z) = −ε/σ_p (eq. 109)             (z + σ_p²·o)/α
     flow      o = x − ε (D.3, eq. 72)                     (z + σ_p·o)/(α + σ_p)
-    edm       F of eq. 119 (σ_d = ``sigma_data``)         σ_d²α/(σ²+σ_d²)·z + σσ_d/√(σ²+σ_d²)·o
+    edm       EDM's F (seed 003 eq. 7, σ_d=sigma_data)   σ_d²/(σ²+σ_d²)·z/α + σσ_d/√(σ²+σ_d²)·o
     ========  =========================================  ===========================================
 
-    (σ without subscript is EDM's σ = e^{−λ/2}. For VE the ``edm`` row is EDM's c_skip, c_out
-    exactly; for VP it is seed 000 eq. 119 as written, with α multiplying z.) The full set of
+    (σ without subscript is EDM's σ = e^{−λ/2}. The ``edm`` row is EDM's c_skip, c_out applied
+    to z/α = x + σε, EDM's own units (seed 003 eq. 4); seed 000 eq. 119 prints α on the wrong
+    side of z. vdmpp.models.Preconditioned and vdmpp.losses use the same form.) The full set of
     conversions lives in vdmpp.losses; this is the one-way map a sampler needs.
     The arithmetic runs in float32 (float64 for float64 inputs) and x̂ is cast to x's dtype.
     """
@@ -98,10 +99,10 @@ class ModelDenoiser:
             x0 = (zc + sig * sig * o) / alpha
         elif p == "flow":
             x0 = (zc + sig * o) / (alpha + sig)
-        else:  # edm, seed 000 eq. 119
+        else:  # edm: D = c_skip·z/α + c_out·F (seed 003 eq. 7, Table 1)
             sd2 = self.sigma_data**2
             norm = s * s + sd2
-            x0 = sd2 * alpha / norm * zc + s * self.sigma_data / norm.sqrt() * o
+            x0 = sd2 / norm * (zc / alpha) + s * self.sigma_data / norm.sqrt() * o
         return x0.to(x.dtype)
 
     def __repr__(self) -> str:
