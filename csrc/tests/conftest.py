@@ -3,6 +3,8 @@ check it), and CUDA variants run only where a GPU and the CUDA kernels are prese
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,12 @@ if not K.available():
     raise RuntimeError(f"vdmpp.kernels is installed but its extension did not load: {K.load_error}")
 
 HAS_CUDA = torch.cuda.is_available() and K.has_kernel("heun_step", "cuda")
+if os.environ.get("VDMPP_REQUIRE_CUDA") == "1" and not HAS_CUDA:  # the nox `gpu` session
+    raise RuntimeError(
+        "VDMPP_REQUIRE_CUDA=1 but CUDA kernels cannot run here: "
+        f"torch.cuda.is_available()={torch.cuda.is_available()}, "
+        f"CUDA kernel registered={K.has_kernel('heun_step', 'cuda')}"
+    )
 
 DEVICES = [
     "cpu",
