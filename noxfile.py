@@ -48,3 +48,88 @@ def lint(session: nox.Session) -> None:
     """Ruff over the whole tree with the root configuration."""
     session.install("ruff>=0.5")
     session.run("ruff", "check", ".")
+
+
+# --- vdmpp-kernels (csrc/) ----------------------------------------------------------------------
+KERNEL_TEST_LIBS = ["schedules", "samplers"]  # whose tests also exercise the kernel dispatch
+
+
+def _install_kernels(session: nox.Session, *, cuda: bool) -> None:
+    """torch, the build tools, then `pip install --no-build-isolation ./csrc` and the libs."""
+    _install_torch(session)
+    session.install("setuptools>=64", "wheel", "ninja")
+    env = {"MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
+    if cuda:
+        env["FORCE_CUDA"] = "1"
+        env["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    session.install("--no-build-isolation", "./csrc", env=env)
+    libs = [
+        f"./libs/{n}[test]"
+        for n in KERNEL_TEST_LIBS
+        if (ROOT / "libs" / n / "pyproject.toml").exists()
+    ]
+    session.install(*libs)
+
+
+@nox.session
+def kernels(session: nox.Session) -> None:
+    """Build vdmpp-kernels (CPU) and run its tests against the pure-PyTorch references."""
+    _install_kernels(session, cuda=False)
+    session.run("pytest", "csrc/tests", *session.posargs)
+
+
+@nox.session
+def kernels_cuda_compile(session: nox.Session) -> None:
+    """Compile every csrc/**/*.cu with nvcc alone (no GPU needed): catches CUDA compile errors."""
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        session.skip("nvcc is not on PATH: install a CUDA toolkit to compile-check csrc/cuda")
+    _install_torch(session)
+    out_text = session.run(
+        "python",
+        "-W",
+        "ignore",
+        "-c",
+        "import sysconfig, torch.utils.cpp_extension as c; "
+        "print('\\n'.join(['-I' + p for p in c.include_paths()] "
+        "+ ['-I' + sysconfig.get_paths()['include']] + c.COMMON_NVCC_FLAGS))",
+        silent=True,
+    )
+    flags = [f for f in str(out_text).split() if f.startswith("-")]  # stderr is mixed in
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0").replace(" ", ";").split(";")
+    gencode = []
+    for a in filter(None, archs):
+        cc = a.replace("+PTX", "").replace(".", "")
+        gencode.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
+    out = Path(session.create_tmp()) / "nvcc"
+    out.mkdir(parents=True, exist_ok=True)
+    sources = sorted((ROOT / "csrc").rglob("*.cu"))
+    if not sources:
+        session.error("no .cu files under csrc/")
+    for cu in sources:
+        session.run(
+            nvcc, "-c", str(cu), "-o", str(out / f"{cu.stem}.o"), "-std=c++20", "-O3",
+            "-Xcompiler", "-fPIC", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-lineinfo",
+            *gencode, *flags, external=True,
+        )  # fmt: skip
+
+
+@nox.session(default=False)
+def gpu(session: nox.Session) -> None:
+    """Build vdmpp-kernels with CUDA, run every test and the benchmark on a GPU (fails without)."""
+    _install_torch(session)  # a CUDA build of torch: set VDMPP_TORCH (see TORCH above)
+    probe = session.run(
+        "python", "-W", "ignore", "-c", "import torch; print(torch.cuda.is_available())",
+        silent=True,
+    )  # fmt: skip
+    if not probe or str(probe).strip().splitlines()[-1] != "True":
+        session.error("no CUDA GPU visible to torch (torch.cuda.is_available() is False)")
+    _install_kernels(session, cuda=True)
+    env = {"VDMPP_REQUIRE_CUDA": "1"}  # csrc/tests refuse to skip their CUDA variants
+    tests = ["csrc/tests"] + [
+        f"libs/{n}/tests" for n in KERNEL_TEST_LIBS if (ROOT / "libs" / n / "tests").is_dir()
+    ]
+    session.run("pytest", *tests, *session.posargs, env=env)
+    session.run("python", "bench/kernels.py", "--device", "cuda", env=env)
