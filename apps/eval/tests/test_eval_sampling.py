@@ -45,7 +45,9 @@ def test_image_depends_only_on_its_seed(export_dir, sampler):
     c, lc, _ = generate(model, meta, [3, 4], spec, batch_size=1)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a[3:5], c)
-    np.testing.assert_array_equal(la, seeds and np.asarray(seeds) % 10)
+    np.testing.assert_array_equal(la, np.asarray(seeds) % 10)
+    np.testing.assert_array_equal(lb, la)
+    np.testing.assert_array_equal(lc, [3, 4])
     assert a.shape == (6, 8, 8, 1) and a.dtype == np.uint8
     assert nfe == {"heun": 7, "edm": 7, "ddpm": 4}[sampler]
     assert a.std() > 0
