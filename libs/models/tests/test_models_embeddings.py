@@ -18,6 +18,16 @@ from vdmpp.models import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread is faster here, and immune to oversubscription when
+    the CPU is shared (two threads on a busy 2-core box ran these tests 15× slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_fourier_channel_count():
     z = torch.randn(2, 3, 4, 4)
     assert fourier_features(z).shape == (2, 2 * 2 * 3, 4, 4)  # n ∈ {7, 8}: sin and cos

@@ -8,6 +8,17 @@ from torch import nn
 
 from vdmpp.models import CONFIGS, PARAM_COUNTS, UNet, UViT, build, config, param_count
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread is faster here, and immune to oversubscription when
+    the CPU is shared (two threads on a busy 2-core box ran these tests 15× slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # Small versions of every config with the same structure (levels, attention placement,
 # resolution, class count), used where the real size would be too slow on a 2-core CPU.
 SMALL = {
