@@ -41,7 +41,8 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
+
+from vdmpp.schedules import ve, vp
 
 __all__ = [
     "PARAMETERIZATIONS",
@@ -87,12 +88,8 @@ def edm_coefficients_logsnr(
 
 
 def _process_alpha_sigma(logsnr: Tensor, process: str) -> tuple[Tensor, Tensor]:
-    """(α, σ) of the process at λ (float32). The canonical versions live in vdmpp.schedules
-    (`vp`, `ve`); they are restated here because vdmpp-models does not depend on it."""
-    lam = _upcast(logsnr)
-    if process == "vp":
-        return torch.exp(0.5 * F.logsigmoid(lam)), torch.exp(0.5 * F.logsigmoid(-lam))
-    return torch.ones_like(lam), torch.exp(-0.5 * lam)
+    """(α, σ) of the process at λ, in at least float32 (vdmpp.schedules' ``vp``/``ve``)."""
+    return (vp if process == "vp" else ve)(_upcast(logsnr))
 
 
 def _bcast(c: Tensor, like: Tensor) -> Tensor:
