@@ -12,14 +12,15 @@ inline bool is_supported_float(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
 }
 
-// `t` must match `ref` (same dtype, device, shape) and be contiguous: an elementwise operand.
+// `t` is an elementwise operand next to `ref`: same device and shape, contiguous, float32 or
+// bfloat16. Its dtype may differ from ref's: mixed operands are computed as the reference does
+// (each upcast to float32, the result cast to ref's dtype), see `all_same_dtype`.
 inline void check_operand(const char* op, const at::Tensor& ref, const char* ref_name,
                           const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
               " is on ", ref.device(), "; move them to one device");
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
-              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type(),
-              "; cast them to one dtype (float32 or bfloat16)");
+  TORCH_CHECK(is_supported_float(t), op, ": ", name, " must be float32 or bfloat16, got ",
+              t.scalar_type());
   TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " has shape ", t.sizes(), " but ",
               ref_name, " has shape ", ref.sizes());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name,
@@ -32,6 +33,13 @@ inline void check_elementwise_first(const char* op, const at::Tensor& t, const c
   TORCH_CHECK(t.is_contiguous(), op, ": ", name,
               " must be contiguous (call .contiguous() first)");
 }
+
+inline bool all_same_dtype(const at::Tensor& a, const at::Tensor& b,
+                           const c10::optional<at::Tensor>& c = c10::nullopt) {
+  return a.scalar_type() == b.scalar_type() && (!c || c->scalar_type() == a.scalar_type());
+}
+
+inline at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat); }
 
 // heun_step(x_hat, denoised, denoised_next?, t_hat, t_next): all operands alike, t_hat != 0 and,
 // for the correction, t_next != 0 (the sampler's last step to t = 0 is an Euler step).

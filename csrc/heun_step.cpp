@@ -88,6 +88,12 @@ at::Tensor heun_step_cpu(const at::Tensor& x_hat, const at::Tensor& denoised,
   check_heun_step(x_hat, denoised, denoised_next, t_hat, t_next);
   TORCH_CHECK(x_hat.device().is_cpu(), "vdmpp::heun_step: CPU kernel got a ", x_hat.device(),
               " tensor");
+  if (!all_same_dtype(x_hat, denoised, denoised_next)) {  // as the reference: float32, cast back
+    const c10::optional<at::Tensor> d2 =
+        denoised_next ? c10::optional<at::Tensor>(as_float(*denoised_next)) : c10::nullopt;
+    return heun_step_cpu(as_float(x_hat), as_float(denoised), d2, t_hat, t_next)
+        .to(x_hat.scalar_type());
+  }
   at::Tensor out = at::empty_like(x_hat);
   if (x_hat.numel() == 0) return out;
   // Python floats become float32 scalars in the reference (h = t_next - t_hat in double first).
@@ -106,6 +112,9 @@ at::Tensor churn_cpu(const at::Tensor& x, const at::Tensor& noise, double t, dou
                      double s_noise) {
   const double scale = check_churn(x, noise, t, t_hat, s_noise);
   TORCH_CHECK(x.device().is_cpu(), "vdmpp::churn: CPU kernel got a ", x.device(), " tensor");
+  if (!all_same_dtype(x, noise)) {  // as the reference: float32, cast back
+    return churn_cpu(as_float(x), as_float(noise), t, t_hat, s_noise).to(x.scalar_type());
+  }
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   const float s = static_cast<float>(scale);

@@ -157,6 +157,12 @@ at::Tensor heun_step_cuda(const at::Tensor& x_hat, const at::Tensor& denoised,
   check_heun_step(x_hat, denoised, denoised_next, t_hat, t_next);
   TORCH_CHECK(x_hat.is_cuda(), "vdmpp::heun_step: CUDA kernel got a ", x_hat.device(), " tensor");
   const c10::cuda::CUDAGuard guard(x_hat.device());
+  if (!all_same_dtype(x_hat, denoised, denoised_next)) {  // as the reference: float32, cast back
+    const c10::optional<at::Tensor> d2 =
+        denoised_next ? c10::optional<at::Tensor>(as_float(*denoised_next)) : c10::nullopt;
+    return heun_step_cuda(as_float(x_hat), as_float(denoised), d2, t_hat, t_next)
+        .to(x_hat.scalar_type());
+  }
   at::Tensor out = at::empty_like(x_hat);
   if (x_hat.numel() == 0) return out;
   const HeunParams p{static_cast<float>(t_hat), static_cast<float>(t_next),
@@ -174,6 +180,9 @@ at::Tensor churn_cuda(const at::Tensor& x, const at::Tensor& noise, double t, do
   const double scale = check_churn(x, noise, t, t_hat, s_noise);
   TORCH_CHECK(x.is_cuda(), "vdmpp::churn: CUDA kernel got a ", x.device(), " tensor");
   const c10::cuda::CUDAGuard guard(x.device());
+  if (!all_same_dtype(x, noise)) {  // as the reference: float32, cast back
+    return churn_cuda(as_float(x), as_float(noise), t, t_hat, s_noise).to(x.scalar_type());
+  }
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   if (x.scalar_type() == at::kFloat) {

@@ -74,7 +74,8 @@ def test_kernels_can_use_predicate(monkeypatch):
     assert not K.can_use("heun_step", x.double())  # float64 stays on the reference
     assert not K.can_use("heun_step", x.half())
     assert not K.can_use("heun_step", x.t())  # non-contiguous
-    assert not K.can_use("heun_step", x, x.bfloat16())  # dtype mix
+    assert K.can_use("heun_step", x.bfloat16(), x, x)  # float32/bf16 mix: as the reference
+    assert not K.can_use("heun_step", x, x.double())  # any other dtype in the mix
     assert not K.can_use("heun_step", x, _t(3, 2))  # shape mix
     assert not K.can_use("heun_step", x.to("meta"))  # no kernel for the device
     assert not K.can_use("no_such_op", x)
@@ -95,8 +96,8 @@ def test_kernels_can_use_predicate(monkeypatch):
 # --- bad input --------------------------------------------------------------------------------
 def test_kernels_heun_bad_input_errors():
     x = _t(4, 5)
-    with pytest.raises(RuntimeError, match="denoised has dtype"):
-        K.heun_step(x, x.bfloat16(), None, 1.0, 0.5)
+    with pytest.raises(RuntimeError, match="denoised must be float32 or bfloat16, got Double"):
+        K.heun_step(x, x.double(), None, 1.0, 0.5)
     with pytest.raises(RuntimeError, match="must be float32 or bfloat16"):
         K.heun_step(x.double(), x.double(), None, 1.0, 0.5)
     with pytest.raises(RuntimeError, match="must be float32 or bfloat16"):
@@ -113,8 +114,8 @@ def test_kernels_heun_bad_input_errors():
         K.heun_step(x, x, x, 1.0, 0.0)
     with pytest.raises(RuntimeError, match="t_hat >= t"):
         K.churn(x, x, 2.0, 1.0, 1.0)
-    with pytest.raises(RuntimeError, match="noise has dtype"):
-        K.churn(x, x.bfloat16(), 1.0, 2.0, 1.0)
+    with pytest.raises(RuntimeError, match="noise must be float32 or bfloat16, got Half"):
+        K.churn(x, x.half(), 1.0, 2.0, 1.0)
 
 
 def test_kernels_adaptive_bad_input_errors():

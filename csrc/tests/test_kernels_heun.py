@@ -90,6 +90,33 @@ def test_kernels_heun_step_unaligned_views(device, dtype):
     assert torch.equal(out.cpu(), R.churn(xs.cpu(), d1s.cpu(), 2.0, 3.0, 1.0))
 
 
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        ("bf16", "f32", "f32"),
+        ("bf16", "bf16", "f32"),
+        ("f32", "bf16", "bf16"),
+        ("f32", "bf16", None),
+    ],
+)
+def test_kernels_mixed_float32_bf16_operands_match_reference(device, dtypes):
+    """A bf16 sample with a float32 denoiser output (and vice versa): every operand upcast to
+    float32, the result in x_hat's dtype — exactly the reference's policy."""
+    dt = {"bf16": torch.bfloat16, "f32": torch.float32}
+    x, d1, d2 = _inputs((2, 3, 17, 9), torch.float32, device, seed=6, scale=3.0)
+    x, d1 = x.to(dt[dtypes[0]]), d1.to(dt[dtypes[1]])
+    d2 = None if dtypes[2] is None else d2.to(dt[dtypes[2]])
+    assert K.can_use("heun_step", x, d1, d2)
+    out = K.heun_step(x, d1, d2, 3.0, 2.0)
+    assert out.dtype == x.dtype
+    ref = R.heun_step(x.cpu(), d1.cpu(), None if d2 is None else d2.cpu(), 3.0, 2.0)
+    assert torch.equal(out.cpu(), ref)
+    out = K.churn(x, d1, 2.0, 3.0, 1.01)
+    assert out.dtype == x.dtype
+    assert torch.equal(out.cpu(), R.churn(x.cpu(), d1.cpu(), 2.0, 3.0, 1.01))
+    torch.library.opcheck(torch.ops.vdmpp.heun_step.default, (x, d1, d2, 3.0, 2.0))
+
+
 def test_kernels_heun_step_large_parallel_cpu():
     """Big enough for at::parallel_for to split the work: still bitwise."""
     x, d1, d2 = _inputs((3, 3, 256, 257), torch.float32, "cpu", seed=3, scale=10.0)

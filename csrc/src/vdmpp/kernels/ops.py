@@ -14,7 +14,8 @@ def heun_step(
     """Euler step (``denoised_next is None``) or Heun correction from t̂ to t_next (EDM Alg. 1/2).
 
     d = (x̂ − D₁)/t̂; Euler: x̂ + (t_next − t̂)·d. Correction: x_e = x̂ + (t_next − t̂)·d,
-    d′ = (x_e − D₂)/t_next, x̂ + (t_next − t̂)·(½d + ½d′). float32 math, bf16 in/out.
+    d′ = (x_e − D₂)/t_next, x̂ + (t_next − t̂)·(½d + ½d′). float32 math; operands float32 or
+    bf16 (they may mix, as in the reference); the result has ``x_hat``'s dtype.
     """
     return torch.ops.vdmpp.heun_step.default(
         x_hat, denoised, denoised_next, float(t_hat), float(t_next)
@@ -46,7 +47,7 @@ def adaptive_ema_update(
 
 
 def _same(op: str, ref: Tensor, ref_name: str, t: Tensor, name: str) -> None:
-    torch._check(t.dtype == ref.dtype, lambda: f"{op}: {name} and {ref_name} dtypes differ")
+    _float(op, t, name)  # float32/bf16 may mix: computed in float32, result in ref's dtype
     torch._check(t.device == ref.device, lambda: f"{op}: {name} and {ref_name} devices differ")
     torch._check(t.shape == ref.shape, lambda: f"{op}: {name} and {ref_name} shapes differ")
 
