@@ -307,7 +307,13 @@ class Trainer:
             return 0.5 ** (self.global_batch / e.halflife_images)
         return e.decay
 
-    def train_step(self) -> dict[str, Any]:
+    def train_step(self, stop_requested: bool = False) -> dict[str, Any]:
+        """One optimizer step over the global batch.
+
+        Exactly one host sync: the reduced [loss sum, stop flag] and the grad norm come back
+        together (the skip-on-non-finite decision needs them on the host). ``stop`` is true when
+        any rank asked to stop (SIGTERM/SIGINT), so the loop needs no collective of its own.
+        """
         cfg, d = self.cfg, self.d
         lr = self._lr()
         for g in self.opt.param_groups:
@@ -345,11 +351,13 @@ class Trainer:
             bin_acc[1].index_add_(0, k, torch.ones_like(loss_d))
             if adaptive:
                 stats += sched.bin_stats(lam, mse)
-        loss_sum = d.all_reduce(loss_sum)
-        mean_loss = float(loss_sum) / self.global_batch
+        flag = torch.full((), float(stop_requested), device=d.device, dtype=torch.float64)
+        reduced = d.all_reduce(torch.stack([loss_sum, flag]))
         params = [p for g in self.opt.param_groups for p in g["params"]]
         clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        gn = torch.nn.utils.clip_grad_norm_(params, clip)
+        loss_total, stop, grad_norm = torch.cat([reduced, gn.reshape(1).double()]).tolist()
+        mean_loss = loss_total / self.global_batch
         ok = math.isfinite(mean_loss) and math.isfinite(grad_norm)
         if ok:
             self.opt.step()
@@ -362,7 +370,10 @@ class Trainer:
             self.nonfinite_total += 1
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": mean_loss, "grad_norm": grad_norm, "lr": lr, "ok": ok, "bins": bin_acc}
+        return {
+            "loss": mean_loss, "grad_norm": grad_norm, "lr": lr, "ok": ok, "bins": bin_acc,
+            "stop": stop > 0,
+        }  # fmt: skip
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -487,7 +498,7 @@ class Trainer:
         try:
             with _Preemption() as pre:
                 while self.step < cfg.steps:
-                    m = self.train_step()
+                    m = self.train_step(stop_requested=pre.signal is not None)
                     if m["ok"]:
                         window["loss"] += m["loss"]
                         window["gn"] += m["grad_norm"]
@@ -510,8 +521,7 @@ class Trainer:
                     if cfg.sample.every and (self.step % cfg.sample.every == 0 or last):
                         self.save_samples()
                         d.barrier()
-                    stop = torch.tensor(float(pre.signal is not None), device=d.device)
-                    if d.all_reduce(stop, dist.ReduceOp.MAX if d.on else None).item() > 0:
+                    if m["stop"]:
                         self.save_checkpoint()
                         self.log(f"signal received: checkpoint at step {self.step}, exiting")
                         result = {"status": "preempted"}
