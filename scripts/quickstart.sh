@@ -6,7 +6,7 @@
 #
 # Safe to rerun: installs are skipped when vdmpp is importable, a finished run is not retrained
 # (an interrupted one resumes), sampling resumes, reference features are cached.
-# Knobs (environment): VDMPP_QUICKSTART_OUT (runs/quickstart), VDMPP_QUICKSTART_STEPS (400),
+# Knobs (environment): VDMPP_QUICKSTART_OUT (runs/quickstart), VDMPP_QUICKSTART_STEPS (2000),
 # VDMPP_QUICKSTART_SAMPLES (500), VDMPP_QUICKSTART_INSTALL=1 (force reinstall),
 # VDMPP_TORCH (torch==2.13.0: what to install when torch is absent).
 set -Eeuo pipefail
@@ -15,7 +15,7 @@ trap 'echo "quickstart: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
 OUT=${VDMPP_QUICKSTART_OUT:-runs/quickstart}
-STEPS=${VDMPP_QUICKSTART_STEPS:-400}
+STEPS=${VDMPP_QUICKSTART_STEPS:-2000}  # digits.toml's own step count
 SAMPLES=${VDMPP_QUICKSTART_SAMPLES:-500}
 RUN="$OUT/run"
 START=$(date +%s)
@@ -38,7 +38,7 @@ TORCH_PIN="torch==$($PY -c 'import torch; print(torch.__version__)')"
 
 say "2/6 vdmpp libraries and apps"
 if [[ "${VDMPP_QUICKSTART_INSTALL:-0}" != 1 ]] \
-   && $PY -c "import vdmpp.schedules, vdmpp.losses, vdmpp.samplers, vdmpp.models, vdmpp.train, vdmpp.eval, torch_fidelity" 2>/dev/null \
+   && $PY -c "import vdmpp.schedules, vdmpp.losses, vdmpp.samplers, vdmpp.models, vdmpp.train; from vdmpp.eval._compat import import_torch_fidelity as f; f()" 2>/dev/null \
    && command -v vdmpp-train >/dev/null && command -v vdmpp-eval >/dev/null; then
   echo "already installed (VDMPP_QUICKSTART_INSTALL=1 reinstalls)"
 else
