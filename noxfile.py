@@ -10,17 +10,20 @@ import nox
 ROOT = Path(__file__).parent
 LIBS = ["schedules", "losses", "samplers", "models"]
 # The CPU wheel pinned here keeps CI off the multi-GB CUDA wheels; override on a GPU box,
-# e.g. VDMPP_TORCH="torch==2.11.0" (or "" to keep a preinstalled torch with --system-site).
+# e.g. VDMPP_TORCH="torch==2.11.0" VDMPP_TORCHVISION="torchvision==0.26.0" (the torchvision
+# that matches, which torch-fidelity needs in the apps session).
 TORCH = os.environ.get("VDMPP_TORCH", "torch==2.13.0")
+TORCHVISION = os.environ.get("VDMPP_TORCHVISION", "torchvision==0.28.0")
 
 nox.options.sessions = ["lint", "tests", "kernels", "kernels_cuda_compile", "apps"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = False
 
 
-def _install_torch(session: nox.Session) -> None:
+def _install_torch(session: nox.Session, *extra: str) -> None:
+    """Install the pinned torch first (with any packages that must match it, in one resolve)."""
     if TORCH:
-        session.install(TORCH)
+        session.install(TORCH, *[e for e in extra if e])
 
 
 @nox.session
@@ -35,7 +38,7 @@ def tests(session: nox.Session, lib: str) -> None:
 @nox.session
 def apps(session: nox.Session) -> None:
     """Install the train and eval apps (which pull every library) and run their tests."""
-    _install_torch(session)
+    _install_torch(session, TORCHVISION)
     apps = [d for d in ("train", "eval") if (ROOT / "apps" / d / "pyproject.toml").exists()]
     if not apps:
         session.skip("no apps yet")

@@ -29,7 +29,9 @@ def _take(stream, n):
 
 def test_train_shards_from_digits_npz_and_folder(tmp_path) -> None:
     meta = write_shards("digits", tmp_path / "d", maxcount=500, resolution=8)
-    assert meta["count"] == 1797 and meta["shards"] == 4 and meta["num_classes"] == 10
+    assert meta["count"] == 1437 and meta["shards"] == 3 and meta["num_classes"] == 10  # train
+    assert write_shards("digits:test", tmp_path / "t", maxcount=500, resolution=8)["count"] == 360
+    assert write_shards("digits:all", tmp_path / "a", maxcount=2000, resolution=8)["count"] == 1797
     assert json.loads((tmp_path / "d" / "dataset.json").read_text())["resolution"] == 8
     b = _take(ShardStream(_spec(expand_source(str(tmp_path / "d")))), 1)[0]
     assert b["image"].shape == (16, 1, 8, 8) and b["label"].max() < 10

@@ -3,10 +3,9 @@
 Every loader returns ``(images, labels)``: uint8 ``[N, H, W, C]`` and int64 ``[N]`` (−1 where a
 set has no labels). Nothing is unpickled (``np.load(allow_pickle=False)``, PNG decoding only).
 
-The digits split. scikit-learn's 1797 digits are split by index: every 5th image (i % 5 == 0,
-360 images) is ``test``, the rest (1437) ``train``. The digits classifier (``digits.py``)
-trains on ``train`` only; metrics and bits/dim use ``test`` by default. (vdmpp-train's digits
-config trains the diffusion model on all 1797, so for it ``test`` is not held out.)
+The digits split is ``vdmpp.train.data.digits_images``'s: every 5th image (i % 5 == 0, 360
+images) is ``test``, the rest (1437) ``train``. vdmpp-train and the digits classifier
+(``digits.py``) train on ``train`` only; metrics and bits/dim use the held-out ``test``.
 """
 
 from __future__ import annotations
@@ -25,14 +24,11 @@ __all__ = ["digits", "load_images"]
 
 def digits(split: str = "test", resolution: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """The built-in digits at ``resolution`` (vdmpp-train's preprocessing), one split."""
-    from vdmpp.train.data import digits_images
+    from vdmpp.train.data import DIGITS_SPLITS, digits_images
 
-    if split not in ("train", "test", "all"):
+    if split not in DIGITS_SPLITS:
         raise EvalError(f"digits split must be train, test or all, got {split!r}")
-    images, labels = digits_images(resolution)
-    idx = np.arange(len(images))
-    keep = idx if split == "all" else idx[(idx % 5 == 0) == (split == "test")]
-    return images[keep], labels[keep]
+    return digits_images(resolution, split)
 
 
 def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

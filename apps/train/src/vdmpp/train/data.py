@@ -55,17 +55,29 @@ def stable_seed(*parts: Any) -> int:
 
 
 # --- sources -------------------------------------------------------------------------------------
-def digits_images(resolution: int = 16) -> tuple[np.ndarray, np.ndarray]:
+DIGITS_SPLITS = ("train", "test", "all")
+
+
+def digits_images(resolution: int = 16, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits (1797 8×8 images, 10 classes) as uint8 [N, res, res, 1].
 
     Pixel values 0..16 are scaled to 0..255, upscaled by the largest integer factor that fits
     (nearest neighbour, so strokes stay crisp) and zero-padded to the centre.
+
+    The split (the one definition every vdmpp app uses): every 5th image (i % 5 == 0, 360
+    images) is ``test``, the other 1437 are ``train``; training uses ``train`` so that
+    vdmpp-eval's bits/dim and metrics on ``test`` are held out.
     """
     from sklearn.datasets import load_digits
 
     if resolution < 8:
         raise ConfigError(f"digits need a resolution >= 8, got {resolution}")
+    if split not in DIGITS_SPLITS:
+        raise ConfigError(f"digits split must be one of {DIGITS_SPLITS}, got {split!r}")
     d = load_digits()
+    if split != "all":
+        keep = (np.arange(len(d.target)) % 5 == 0) == (split == "test")
+        d.images, d.target = d.images[keep], d.target[keep]
     img = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     f = resolution // 8
     img = img.repeat(f, axis=1).repeat(f, axis=2)
@@ -141,8 +153,9 @@ def write_shards(
 ) -> dict[str, Any]:
     """Write shuffled WebDataset shards ``OUT/shard-NNNNNN.tar`` and ``OUT/dataset.json``.
 
-    ``src``: ``"digits"`` (built in), an ``.npz`` (``images`` uint8 [N, H, W, C] or [N, C, H, W],
-    optional ``labels``), or a folder with one sub-folder per class. ``resolution`` resizes
+    ``src``: ``"digits"`` (built in; its ``train`` split, or ``digits:test`` / ``digits:all``),
+    an ``.npz`` (``images`` uint8 [N, H, W, C] or [N, C, H, W], optional ``labels``), or a
+    folder with one sub-folder per class. ``resolution`` resizes
     (centre crop + bicubic) folder and npz images, and sets the digits' padded size (default 16).
     """
     if maxcount < 1:
@@ -151,8 +164,9 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     classes: list[str] | None
-    if str(src) == "digits":
-        images, labels = digits_images(resolution or 16)
+    name, _, split = str(src).partition(":")
+    if name == "digits" and not Path(str(src)).exists():
+        images, labels = digits_images(resolution or 16, split or "train")
         classes = [str(i) for i in range(10)]
         order = list(range(len(images)))
         rng.shuffle(order)
