@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from vdmpp.eval.bpd import UniformLogSNR, estimate_bpd
+from vdmpp.eval.bpd import estimate_bpd
 from vdmpp.eval.cli import main
 from vdmpp.schedules import vp
 
@@ -53,14 +53,6 @@ def test_a_wrong_model_costs_bits():
     r = estimate_bpd(lambda z, lam, class_labels=None: torch.zeros_like(z), x,
                      logsnr_min=-15.0, logsnr_max=15.0)
     assert r.bpd > exact + 10 * r.stderr
-
-
-def test_uniform_logsnr_is_a_density():
-    s = UniformLogSNR(-10.0, 6.0)
-    t = torch.linspace(0, 1, 5, dtype=torch.float64)
-    lam, p = s.logsnr_pdf(t)
-    assert lam[0] == 6.0 and lam[-1] == -10.0 and torch.allclose(p, torch.full_like(p, 1 / 16))
-    assert torch.allclose(s.t(lam), t)
 
 
 def test_cli_bpd_on_digits(export_dir, capsys):

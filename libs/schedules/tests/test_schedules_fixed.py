@@ -12,6 +12,7 @@ from vdmpp.schedules import (
     EDMSampling,
     EDMTraining,
     FlowOT,
+    LinearLogSNR,
     LinearVP,
     NoiseSchedule,
     TruncatedSchedule,
@@ -26,6 +27,7 @@ SCHEDULES = {
     "linear_vp": lambda: LinearVP(),
     "linear_vp_wide": lambda: LinearVP(logsnr_min=-20, logsnr_max=20),
     "cosine_narrow": lambda: Cosine(logsnr_min=-5, logsnr_max=7),
+    "linear_logsnr": lambda: LinearLogSNR(logsnr_min=-7, logsnr_max=11),
 }
 
 
@@ -134,6 +136,9 @@ def test_table4_closed_forms_untruncated():
     u = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
     sigma = (a + u * (b - a)) ** 7
     assert torch.allclose(e.logsnr(u), -2 * torch.log(sigma))
+    lin = LinearLogSNR(logsnr_min=-7, logsnr_max=11)
+    assert torch.allclose(lin.logsnr(u), 11 - 18 * u)
+    assert torch.allclose(lin.pdf(lam), torch.full_like(lam, 1 / 18))
     v = LinearVP()
     tt = torch.tensor([1e-3, 0.2, 1.0], dtype=torch.float64)
     sigma_vp = torch.sqrt(torch.exp(0.5 * 19.9 * tt**2 + 0.1 * tt) - 1)  # seed 003 Table 1

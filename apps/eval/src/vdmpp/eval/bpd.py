@@ -6,8 +6,8 @@ reported bound is the mean over images and its standard error is the standard de
 per-image estimates over √N, so it covers both the Monte-Carlo noise and the finite data set.
 
 Importance distribution. The continuous-time term ½∫‖ε − ε̂‖²dλ is estimated with λ uniform on
-[λ_min, λ_max] of the model (``UniformLogSNR``): unbiased for any density, and a flat one has
-no vanishing p(λ) at the ends where an imperfect model's error is large.
+[λ_min, λ_max] of the model (``vdmpp.schedules.LinearLogSNR``): unbiased for any density, and
+a flat one has no vanishing p(λ) at the ends where an imperfect model's error is large.
 """
 
 from __future__ import annotations
@@ -20,32 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vdmpp.schedules import LinearLogSNR
+
 from .model import EvalError, from_uint8
 
-__all__ = ["BPDResult", "UniformLogSNR", "estimate_bpd"]
-
-
-class UniformLogSNR:
-    """λ(t) = λ_max − t·(λ_max − λ_min): p(λ) = 1/(λ_max − λ_min) on the range (a NoiseSchedule)."""
-
-    def __init__(self, logsnr_min: float, logsnr_max: float) -> None:
-        if not logsnr_min < logsnr_max:
-            raise EvalError(f"need logsnr_min < logsnr_max, got {logsnr_min}, {logsnr_max}")
-        self.logsnr_min, self.logsnr_max = float(logsnr_min), float(logsnr_max)
-
-    def logsnr(self, t: Tensor) -> Tensor:
-        return self.logsnr_max - t * (self.logsnr_max - self.logsnr_min)
-
-    def t(self, logsnr: Tensor) -> Tensor:
-        return (self.logsnr_max - logsnr) / (self.logsnr_max - self.logsnr_min)
-
-    def pdf(self, logsnr: Tensor) -> Tensor:
-        inside = (logsnr >= self.logsnr_min) & (logsnr <= self.logsnr_max)
-        return inside.to(logsnr.dtype) / (self.logsnr_max - self.logsnr_min)
-
-    def logsnr_pdf(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        lam = self.logsnr(t)
-        return lam, torch.full_like(lam, 1.0 / (self.logsnr_max - self.logsnr_min))
+__all__ = ["BPDResult", "estimate_bpd"]
 
 
 @dataclass
@@ -88,7 +67,9 @@ def estimate_bpd(
         raise EvalError(f"--draws must be >= 1, got {draws}")
     if len(x) < 2:
         raise EvalError("bits/dim needs at least 2 images (for a standard error)")
-    schedule = UniformLogSNR(logsnr_min, logsnr_max)
+    if not logsnr_min < logsnr_max:
+        raise EvalError(f"need logsnr_min < logsnr_max, got {logsnr_min}, {logsnr_max}")
+    schedule = LinearLogSNR(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
     device = next(iter(getattr(model, "parameters", lambda: iter([x]))()), x).device
     gen = torch.Generator(device=device).manual_seed(seed)
     n = len(x)

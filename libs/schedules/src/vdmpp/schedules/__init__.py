@@ -4,7 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .adaptive import Adaptive
 from .base import NoiseSchedule, TruncatedSchedule, check_logsnr_range, check_unit_interval
-from .fixed import Cosine, EDMSampling, EDMTraining, FlowOT, LinearVP
+from .fixed import Cosine, EDMSampling, EDMTraining, FlowOT, LinearLogSNR, LinearVP
 from .learned import Learned
 from .process import (
     logsnr_from_alpha_sigma,
@@ -28,6 +28,7 @@ __all__ = [
     "EDMTraining",
     "FlowOT",
     "Learned",
+    "LinearLogSNR",
     "LinearVP",
     "NoiseSchedule",
     "TruncatedSchedule",

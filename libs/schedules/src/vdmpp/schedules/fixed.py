@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from .base import TruncatedSchedule
 
-__all__ = ["Cosine", "EDMSampling", "EDMTraining", "FlowOT", "LinearVP"]
+__all__ = ["Cosine", "EDMSampling", "EDMTraining", "FlowOT", "LinearLogSNR", "LinearVP"]
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -221,3 +221,23 @@ class LinearVP(TruncatedSchedule):
 
     def _repr_args(self) -> dict[str, object]:
         return {"beta_min": self.beta_min, "beta_d": self.beta_d}
+
+
+class LinearLogSNR(TruncatedSchedule):
+    """λ linear in t: λ = λ_max − t(λ_max − λ_min), p(λ) = 1/(λ_max − λ_min) (uniform in λ).
+
+    Untruncated f(u) = −u, so eq. 127–131 give exactly this. A flat importance distribution for
+    evaluating ½∫‖ε − ε̂‖²dλ (the VLB's diffusion term), with no vanishing p(λ) at the ends.
+    """
+
+    def __init__(self, *, logsnr_min: float = -20.0, logsnr_max: float = 20.0):
+        super().__init__(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+
+    def _logsnr(self, u: Tensor, v: Tensor) -> Tensor:
+        return -u
+
+    def _t(self, logsnr: Tensor) -> Tensor:
+        return -logsnr
+
+    def _pdf(self, logsnr: Tensor) -> Tensor:
+        return torch.ones_like(logsnr)
