@@ -59,12 +59,15 @@ def plot_weightings(path: str | Path) -> Path:
     plt = _plt()
     lam = _grid()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name in W.names():
+    colors = [*plt.get_cmap("tab10").colors, "black", "olive", "navy"]  # > 10 weightings
+    for i, name in enumerate(W.names()):
         try:
             w = W.get(name)(lam).double()
         except (TypeError, ValueError):  # a weighting that needs arguments
             continue
-        ax.plot(lam.numpy(), (w / w.max()).numpy(), label=name)
+        # Equal curves (FlowOT and v-prediction are both e^{−λ/2}) stay visible: dashes alternate.
+        ax.plot(lam.numpy(), (w / w.max()).numpy(), label=name, color=colors[i % len(colors)],
+                linestyle="--" if i % 2 else "-")  # fmt: skip
     ax.set(xlabel="log-SNR λ", ylabel="w(λ) / max w", yscale="log", ylim=(1e-4, 1.5),
            title="Weighting functions (implied by each objective)")
     ax.legend(fontsize=7, ncol=2)
