@@ -12,14 +12,13 @@ the host.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
-import warnings
-from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from vdmpp.schedules._kernels import kernels_error, load_kernels, reset_kernels_cache
 
 __all__ = ["churn", "heun_step"]
 
@@ -64,38 +63,9 @@ def heun_step(
 
 # --- the kernel hook ---------------------------------------------------------------------------
 
-_UNSET = object()
-_kernels_module: object = _UNSET  # ModuleType once loaded, None when unavailable
-_kernels_error: BaseException | None = None
-
-
-def _load_kernels() -> ModuleType | None:
-    """Import ``vdmpp.kernels`` once and cache the result.
-
-    ImportError (the extension is simply not installed) falls back to the reference silently;
-    any other exception (a broken build) is kept and warned about once.
-    """
-    global _kernels_module, _kernels_error
-    if _kernels_module is _UNSET:
-        try:
-            _kernels_module = importlib.import_module("vdmpp.kernels")
-        except ImportError as e:
-            _kernels_module, _kernels_error = None, e
-        except Exception as e:  # a present but broken extension
-            _kernels_module, _kernels_error = None, e
-            warnings.warn(
-                f"vdmpp.kernels failed to load ({type(e).__name__}: {e}); "
-                "vdmpp.samplers uses the pure-PyTorch reference",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return _kernels_module  # type: ignore[return-value]
-
-
-def _reset_kernels_cache() -> None:
-    """Forget the cached import (for tests)."""
-    global _kernels_module, _kernels_error
-    _kernels_module, _kernels_error = _UNSET, None
+# One shared, cached import of the optional extension (vdmpp.schedules._kernels).
+_load_kernels = load_kernels
+_reset_kernels_cache = reset_kernels_cache
 
 
 def _kernels_enabled(x: Tensor, use_kernels: bool | None) -> bool:
@@ -115,7 +85,7 @@ def _kernels_enabled(x: Tensor, use_kernels: bool | None) -> bool:
     ok = K is not None and bool(K.can_use("heun_step", x))
     if use_kernels and not ok:
         why = (
-            f"vdmpp.kernels is not importable ({_kernels_error!r})"
+            f"vdmpp.kernels is not importable ({kernels_error()!r})"
             if K is None
             else f"vdmpp.kernels cannot serve a {x.dtype} tensor on {x.device}"
         )

@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Callable
 from types import ModuleType
 
 import torch
 from torch import Tensor, nn
 
+from ._kernels import disabled_by_env, load_kernels
 from .base import check_logsnr_range, check_unit_interval
 
 __all__ = ["Adaptive"]
-
-_kernels_cache: list[ModuleType | None] = []  # [] until the first try, then [module or None]
-
-
-def _kernels() -> ModuleType | None:
-    """``vdmpp.kernels`` if installed and loaded (cached); else None, warning once if broken."""
-    if not _kernels_cache:
-        try:
-            import vdmpp.kernels as K
-        except Exception as e:  # absent: silent; present but broken: say why, once
-            K = None
-            if not (isinstance(e, ImportError) and e.name == "vdmpp.kernels"):
-                warnings.warn(
-                    f"vdmpp.kernels failed to load ({type(e).__name__}: {e}); Adaptive.update "
-                    "uses the pure-PyTorch reference",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        _kernels_cache.append(K if K is not None and K.available() else None)
-    return _kernels_cache[0]
-
 
 class Adaptive(nn.Module):
     """p(λ) ∝ E[w(λ)‖ε − ε̂‖²], estimated by a per-bin EMA (seed 000 eq. 136, App. H).
@@ -124,9 +102,9 @@ class Adaptive(nn.Module):
 
     def _kernel(self) -> ModuleType | None:
         """The fused-kernel module unless disabled (``force_reference``, ``VDMPP_KERNELS=0``)."""
-        if self.force_reference or os.environ.get("VDMPP_KERNELS", "").strip() == "0":
+        if self.force_reference or disabled_by_env():
             return None
-        return _kernels()
+        return load_kernels()
 
     @torch.no_grad()
     def update(self, logsnr: Tensor, loss: Tensor) -> None:
