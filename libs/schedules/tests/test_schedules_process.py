@@ -95,3 +95,18 @@ def test_uniform_and_generators_reproducible():
     assert low_discrepancy(0).numel() == 0
     with pytest.raises(ValueError):
         uniform(-1)
+
+
+def test_edm_coefficients_logsnr_match_table1():
+    """Seed 003 Table 1 written in σ, evaluated at σ = e^{−λ/2}; finite in float32 at |λ| = 30."""
+    from vdmpp.schedules import edm_coefficients_logsnr
+
+    lam = torch.linspace(-12, 12, 49, dtype=torch.float64)
+    s, d = torch.exp(-lam / 2), 0.5
+    c_skip, c_out, c_in, c_noise = edm_coefficients_logsnr(lam, d)
+    assert torch.allclose(c_skip, d**2 / (s**2 + d**2))
+    assert torch.allclose(c_out, s * d / torch.sqrt(s**2 + d**2))
+    assert torch.allclose(c_in, 1 / torch.sqrt(s**2 + d**2))
+    assert torch.allclose(c_noise, 0.25 * torch.log(s))
+    for c in edm_coefficients_logsnr(torch.tensor([-30.0, 30.0]), d):
+        assert torch.isfinite(c).all()

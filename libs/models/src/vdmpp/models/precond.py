@@ -37,12 +37,10 @@ consistent form is c_skip·z/α (= c_skip·x_edm, seed 003 eq. 4), used here and
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from vdmpp.schedules import ve, vp
+from vdmpp.schedules import edm_coefficients_logsnr, ve, vp
 
 __all__ = [
     "PARAMETERIZATIONS",
@@ -70,20 +68,6 @@ def edm_coefficients(
     c_out = sigma * sigma_data / torch.sqrt(s2 + d2)
     c_in = 1.0 / torch.sqrt(s2 + d2)
     c_noise = 0.25 * torch.log(sigma)
-    return c_skip, c_out, c_in, c_noise
-
-
-def edm_coefficients_logsnr(
-    logsnr: Tensor, sigma_data: float = 0.5
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The same four coefficients in λ (σ = e^{−λ/2}), finite in float32 for |λ| ≤ 30."""
-    lam = _upcast(logsnr)
-    log_d2 = 2.0 * math.log(sigma_data)
-    c_skip = torch.sigmoid(lam + log_d2)  # σ_d²/(e^{−λ} + σ_d²)
-    log_s2_plus_d2 = torch.logaddexp(-lam, torch.full_like(lam, log_d2))
-    c_in = torch.exp(-0.5 * log_s2_plus_d2)
-    c_out = torch.exp(-0.5 * lam + math.log(sigma_data) - 0.5 * log_s2_plus_d2)
-    c_noise = -0.125 * lam
     return c_skip, c_out, c_in, c_noise
 
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from vdmpp.schedules import logsnr_from_sigma, ve, vp
+from vdmpp.schedules import edm_coefficients_logsnr, logsnr_from_sigma, ve, vp
 
 __all__ = ["PARAMETERIZATIONS", "Denoiser", "as_denoiser", "guided"]
 
@@ -100,9 +100,8 @@ class ModelDenoiser:
         elif p == "flow":
             x0 = (zc + sig * o) / (alpha + sig)
         else:  # edm: D = c_skip·z/α + c_out·F (seed 003 eq. 7, Table 1)
-            sd2 = self.sigma_data**2
-            norm = s * s + sd2
-            x0 = sd2 / norm * (zc / alpha) + s * self.sigma_data / norm.sqrt() * o
+            c_skip, c_out, _, _ = edm_coefficients_logsnr(lam, self.sigma_data)
+            x0 = c_skip * (zc / alpha) + c_out * o
         return x0.to(x.dtype)
 
     def __repr__(self) -> str:

@@ -7,6 +7,7 @@ from .base import NoiseSchedule, TruncatedSchedule, check_logsnr_range, check_un
 from .fixed import Cosine, EDMSampling, EDMTraining, FlowOT, LinearLogSNR, LinearVP
 from .learned import Learned
 from .process import (
+    edm_coefficients_logsnr,
     logsnr_from_alpha_sigma,
     logsnr_from_sigma,
     sigma_from_logsnr,
@@ -34,6 +35,7 @@ __all__ = [
     "TruncatedSchedule",
     "check_logsnr_range",
     "check_unit_interval",
+    "edm_coefficients_logsnr",
     "logsnr_from_alpha_sigma",
     "logsnr_from_sigma",
     "low_discrepancy",

@@ -13,11 +13,14 @@ computed in float32 and cast back.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 __all__ = [
+    "edm_coefficients_logsnr",
     "logsnr_from_alpha_sigma",
     "logsnr_from_sigma",
     "sigma_from_logsnr",
@@ -73,3 +76,22 @@ def vp_transition(logsnr_s: Tensor, logsnr_t: Tensor) -> tuple[Tensor, Tensor]:
     log_alpha_ts = 0.5 * (F.logsigmoid(lt) - F.logsigmoid(ls))
     sigma2_ts = -torch.expm1(F.softplus(-ls) - F.softplus(-lt))
     return torch.exp(log_alpha_ts).to(logsnr_t.dtype), sigma2_ts.to(logsnr_t.dtype)
+
+
+def edm_coefficients_logsnr(
+    logsnr: Tensor, sigma_data: float = 0.5
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EDM's (c_skip, c_out, c_in, c_noise) (seed 003 Table 1) at σ = e^{−λ/2}, in λ.
+
+    c_skip = σ_d²/(σ² + σ_d²) = sigmoid(λ + log σ_d²), c_in = (e^{−λ} + σ_d²)^{−1/2},
+    c_out = σσ_d·c_in, c_noise = ¼ ln σ = −λ/8; log-space, finite in float32 for |λ| ≤ 30
+    (half precision is computed in float32).
+    """
+    lam = _upcast(logsnr)
+    log_d2 = 2.0 * math.log(sigma_data)
+    c_skip = torch.sigmoid(lam + log_d2)
+    log_s2_plus_d2 = torch.logaddexp(-lam, torch.full_like(lam, log_d2))
+    c_in = torch.exp(-0.5 * log_s2_plus_d2)
+    c_out = torch.exp(-0.5 * lam + math.log(sigma_data) - 0.5 * log_s2_plus_d2)
+    c_noise = -0.125 * lam
+    return c_skip, c_out, c_in, c_noise
