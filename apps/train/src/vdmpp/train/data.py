@@ -18,10 +18,12 @@ stream with ``skip`` set to that count replays it exactly (without decoding the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,7 @@ __all__ = [
     "expand_source",
     "make_loader",
     "probe",
+    "shutdown_loader",
     "write_shards",
 ]
 
@@ -383,8 +386,24 @@ class ShardStream(IterableDataset):
                 images, labels = [], []
 
 
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: SIGINT/SIGTERM are the trainer's to handle, not a worker's.
+
+    torchrun, SLURM and a terminal's Ctrl-C signal the whole process group. A worker that died
+    of it would make the trainer raise ("DataLoader worker ... killed by signal") instead of
+    checkpointing; ignoring them, the worker lives until the trainer shuts it down
+    (:func:`shutdown_loader`) or exits (the DataLoader's watchdog ends orphaned workers).
+    """
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def make_loader(spec: StreamSpec, workers: int) -> Iterator[dict[str, Any]]:
-    """An iterator of micro-batches for one slot (a DataLoader when ``workers`` > 0)."""
+    """An iterator of micro-batches for one slot (a DataLoader when ``workers`` > 0).
+
+    With workers, call it with SIGINT/SIGTERM ignored (the trainer does) so that the forked
+    workers never see a stop signal even before ``worker_init_fn`` runs.
+    """
     stream = ShardStream(spec)
     if workers == 0:
         return iter(stream)
@@ -395,5 +414,24 @@ def make_loader(spec: StreamSpec, workers: int) -> Iterator[dict[str, Any]]:
         persistent_workers=True,
         prefetch_factor=4,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals,
     )
     return iter(loader)
+
+
+def shutdown_loader(it: Iterator[Any], timeout: float = 10.0) -> None:
+    """Stop a loader's workers now: the DataLoader's own shutdown, then SIGKILL any straggler.
+
+    Workers ignore SIGTERM (:func:`ignore_stop_signals`), so ``Process.terminate`` would not
+    end one that hangs; multiprocessing's exit handler would then wait for it forever.
+    """
+    workers = list(getattr(it, "_workers", []) or [])
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        with contextlib.suppress(Exception):  # best effort: the stragglers are killed below
+            shutdown()
+    for w in workers:
+        w.join(timeout=0 if not w.is_alive() else timeout)
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=timeout)

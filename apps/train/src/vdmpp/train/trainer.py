@@ -35,7 +35,15 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from . import config as config_mod
 from .config import Config, ConfigError
-from .data import StreamSpec, expand_source, make_loader, probe, stable_seed, write_shards
+from .data import (
+    StreamSpec,
+    expand_source,
+    make_loader,
+    probe,
+    shutdown_loader,
+    stable_seed,
+    write_shards,
+)
 from .export import write_export
 from .objective import Objective, build_net, model_spec, schedule_meta
 
@@ -155,6 +163,20 @@ class _Preemption:
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def _stop_signals_ignored() -> Any:
+    """SIGINT/SIGTERM ignored while DataLoader workers are forked (they inherit it)."""
+    old: dict[int, Any] = {}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread
+            old[s] = signal.signal(s, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 # --- the trainer ---------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False) -> None:
@@ -209,7 +231,8 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        self.loaders = self._make_loaders()
+        with _stop_signals_ignored():  # forked DataLoader workers inherit SIG_IGN
+            self.loaders = self._make_loaders()
 
     # --- setup ----------------------------------------------------------------------------------
     def _prepare_data(self) -> list[str]:
@@ -538,6 +561,12 @@ class Trainer:
         result.update(step=self.step, out=str(self.out), nonfinite=self.nonfinite_total)
         return result
 
+    def close(self) -> None:
+        """Stop the DataLoader workers now (they ignore SIGTERM: ``data.ignore_stop_signals``)."""
+        loaders, self.loaders = self.loaders, []
+        for it in loaders:
+            shutdown_loader(it)
+
     def _tensorboard(self) -> Any:
         if not (self.cfg.log.tensorboard and self.d.main):
             return None
@@ -594,5 +623,6 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     try:
         return trainer.run()
     finally:
+        trainer.close()
         if trainer.d.on and dist.is_initialized():
             dist.destroy_process_group()
