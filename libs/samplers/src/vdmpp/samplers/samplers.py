@@ -15,6 +15,8 @@
 * ``extra_args``: keyword arguments for every denoiser call (e.g. ``{"class_labels": y}``).
 * ``return_info=True`` returns ``(x0, SampleInfo)``; ``SampleInfo.nfe`` is the number of
   denoiser evaluations (Heun: 2N − 1 on a grid ending at 0).
+* ``progress=True``: a tqdm bar over the steps (with the NFE so far) when tqdm is installed;
+  silent otherwise (tqdm is optional, never a dependency).
 * ``check_finite=True``: a NaN/inf from the denoiser is an error. On the CPU every denoiser output
   is checked (the error names the step); on accelerators the result is checked once at the end
   (one host sync per sampling call, none inside the loop). Shape mismatches between the denoiser
@@ -35,7 +37,8 @@ from torch import Tensor
 
 from vdmpp.schedules import logsnr_from_sigma, vp, vp_transition
 
-from ._step import _compute_dtype, _kernels_enabled, _ops
+from ._progress import steps as _progress
+from ._step import _compute_dtype, _kernels_enabled, _ops, all_finite
 from .denoiser import Denoiser
 from .generators import PerSampleGenerator, randn_like
 
@@ -110,7 +113,7 @@ class _Evaluator:
                 f"denoiser returned {got} for an input of shape {tuple(x.shape)} "
                 f"(step {i}, sigma={sigma:g}); it must return a tensor shaped like x"
             )
-        if self.check_nan and not bool(torch.isfinite(d).all()):
+        if self.check_nan and not all_finite(d):  # one reduction, one scalar read
             raise FloatingPointError(
                 f"denoiser returned NaN/inf at step {i} (sigma={sigma:g}, evaluation {self.nfe})"
             )
@@ -120,14 +123,14 @@ class _Evaluator:
 def _start(noise: Tensor, sigmas: Any, check_finite: bool) -> tuple[list[float], Tensor]:
     _check_noise(noise)
     ts = _grid(sigmas)
-    if _checks_on(noise, check_finite) and not bool(torch.isfinite(noise).all()):
+    if _checks_on(noise, check_finite) and not all_finite(noise):
         raise FloatingPointError("noise contains NaN/inf")
     return ts, noise * ts[0]
 
 
 def _finish(x: Tensor, ev: _Evaluator, steps: int, kernels: bool, return_info: bool, check: bool):
     final_check = check and not ev.check_nan and not torch.compiler.is_compiling()
-    if final_check and not bool(torch.isfinite(x).all()):  # the one host sync, after the loop
+    if final_check and not all_finite(x):  # the one host sync, after the loop
         raise FloatingPointError(
             "the sample contains NaN/inf: the denoiser returned non-finite values at some step"
         )
@@ -159,6 +162,7 @@ def _edm(
     use_kernels: bool | None,
     return_info: bool,
     check_finite: bool,
+    progress: bool = False,
 ):
     ts, x = _start(noise, sigmas, check_finite)
     if churn < 0 or s_noise < 0:
@@ -168,7 +172,7 @@ def _edm(
     enabled = _kernels_enabled(x, use_kernels)
     churn_op, step_op = _ops(enabled)
     gamma_max = min(churn / n, math.sqrt(2.0) - 1.0)
-    for i in range(n):
+    for i in _progress(range(n), progress, "sampling", n, ev):
         t_cur, t_next = ts[i], ts[i + 1]
         gamma = gamma_max if s_tmin <= t_cur <= s_tmax else 0.0
         t_hat = t_cur + gamma * t_cur
@@ -198,6 +202,7 @@ def euler(
     use_kernels: bool | None = None,
     return_info: bool = False,
     check_finite: bool = True,
+    progress: bool = False,
 ):
     """Euler's method on the PF-ODE dx/dσ = (x − D(x;σ))/σ (seed 003 Alg. 1 without lines 6–8).
 
@@ -207,6 +212,7 @@ def euler(
         denoiser, noise, sigmas, churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
         second_order=False, generator=generator, callback=callback, extra_args=extra_args,
         use_kernels=use_kernels, return_info=return_info, check_finite=check_finite,
+        progress=progress,
     )  # fmt: skip
 
 
@@ -222,6 +228,7 @@ def heun(
     use_kernels: bool | None = None,
     return_info: bool = False,
     check_finite: bool = True,
+    progress: bool = False,
 ):
     """EDM's deterministic Heun sampler (seed 003 Alg. 1, σ(t) = t, s(t) = 1).
 
@@ -233,6 +240,7 @@ def heun(
         denoiser, noise, sigmas, churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
         second_order=True, generator=generator, callback=callback, extra_args=extra_args,
         use_kernels=use_kernels, return_info=return_info, check_finite=check_finite,
+        progress=progress,
     )  # fmt: skip
 
 
@@ -252,6 +260,7 @@ def edm_stochastic(
     use_kernels: bool | None = None,
     return_info: bool = False,
     check_finite: bool = True,
+    progress: bool = False,
 ):
     """EDM's stochastic sampler (seed 003 Alg. 2).
 
@@ -265,7 +274,7 @@ def edm_stochastic(
         denoiser, noise, sigmas, churn=float(churn), s_tmin=float(s_tmin), s_tmax=float(s_tmax),
         s_noise=float(s_noise), second_order=True, generator=generator, callback=callback,
         extra_args=extra_args, use_kernels=use_kernels, return_info=return_info,
-        check_finite=check_finite,
+        check_finite=check_finite, progress=progress,
     )  # fmt: skip
 
 
@@ -299,6 +308,7 @@ def ddpm(
     extra_args: Mapping[str, Any] | None = None,
     return_info: bool = False,
     check_finite: bool = True,
+    progress: bool = False,
 ):
     """DDPM ancestral sampling: x_{i+1} ~ p(z_s | z_t) of seed 004 eq. 28, in EDM units.
 
@@ -309,7 +319,7 @@ def ddpm(
     ts, x = _start(noise, sigmas, check_finite)
     coeffs = _ancestral_coefficients(ts)
     ev = _Evaluator(denoiser, x, extra_args, check_finite)
-    for i, (keep, r) in enumerate(coeffs):
+    for i, (keep, r) in enumerate(_progress(coeffs, progress, "ddpm", len(coeffs), ev)):
         t_cur, t_next = ts[i], ts[i + 1]
         denoised = ev(x, t_cur, i)
         eps = randn_like(x, generator) if t_next > 0 else None
@@ -334,6 +344,7 @@ def ddim(
     extra_args: Mapping[str, Any] | None = None,
     return_info: bool = False,
     check_finite: bool = True,
+    progress: bool = False,
 ):
     """DDIM (Song et al. 2021) in EDM units: x_{i+1} = x̂ + c·(x_i − x̂) + σ_η·ε.
 
@@ -347,7 +358,7 @@ def ddim(
     ts, x = _start(noise, sigmas, check_finite)
     coeffs = _ancestral_coefficients(ts) if eta > 0 else [(0.0, 0.0)] * (len(ts) - 1)
     ev = _Evaluator(denoiser, x, extra_args, check_finite)
-    for i, (_, r) in enumerate(coeffs):
+    for i, (_, r) in enumerate(_progress(coeffs, progress, "ddim", len(coeffs), ev)):
         t_cur, t_next = ts[i], ts[i + 1]
         denoised = ev(x, t_cur, i)
         s_eta = eta * math.sqrt(r) * t_next
