@@ -40,6 +40,7 @@ from .config import ConfigError
 __all__ = [
     "ShardStream",
     "StreamSpec",
+    "StreamStarved",
     "digits_images",
     "expand_source",
     "make_loader",
@@ -299,6 +300,65 @@ def probe(urls: list[str], resolution: int, channels: int, num_classes: int | No
     raise ConfigError(f"data.source: no decodable PNG sample in {urls[:3]}")
 
 
+class StreamStarved(RuntimeError):
+    """No shard of a stream can ever give a usable sample: the batch can never be filled."""
+
+
+class _Starvation:
+    """Notices when a stream can never fill a batch (instead of spinning on it forever).
+
+    A shard is hopeless once it has been read to its end and it held no sample, or every one of
+    its samples failed to decode (corrupt, wrong size, label outside ``num_classes``). A shard
+    that gave one good sample is fine for ever. When every shard of the stream is hopeless,
+    :class:`StreamStarved` names the slot, the shards and the first reason of each.
+    """
+
+    def __init__(self, urls: list[str], where: str) -> None:
+        self.urls, self.where = set(urls), where
+        self.size: dict[str, int] = {}
+        self.failed: dict[str, set[str]] = {}
+        self.why: dict[str, str] = {}
+        self.fine: set[str] = set()
+        self.hopeless: set[str] = set()
+
+    def reason(self, url: str, why: str) -> None:
+        self.why.setdefault(url, why)
+
+    def read(self, url: str, keys: set[str]) -> None:
+        if url not in self.size:
+            self.size[url] = len(keys)
+            if not keys:
+                self.reason(url, "no samples (empty or unreadable tar)")
+            self._check(url)
+
+    def bad(self, url: str, key: str, exc: BaseException) -> None:
+        if url in self.fine:
+            return
+        self.failed.setdefault(url, set()).add(key)
+        self.reason(url, f"{exc}")
+        self._check(url)
+
+    def good(self, url: str) -> None:
+        if url not in self.fine:
+            self.fine.add(url)
+            self.failed.pop(url, None)
+
+    def _check(self, url: str) -> None:
+        n = self.size.get(url)
+        if url in self.fine or n is None or len(self.failed.get(url, ())) < n:
+            return
+        self.hopeless.add(url)
+        if self.hopeless >= self.urls:
+            shown = sorted(self.urls)[:4]
+            more = f" (+{len(self.urls) - len(shown)} more)" if len(self.urls) > len(shown) else ""
+            raise StreamStarved(
+                f"data stream of {self.where} can never fill a batch: none of its "
+                f"{len(self.urls)} shard(s) holds a usable sample: "
+                + "; ".join(f"{u}: {self.why.get(u, 'no usable sample')}" for u in shown)
+                + more
+            )
+
+
 @dataclass
 class StreamSpec:
     urls: list[str]
@@ -336,15 +396,22 @@ class ShardStream(IterableDataset):
         urls = self._urls(wid, nw)
         rng = random.Random(stable_seed("stream", s.seed, s.slot, wid, s.segment))
         errors = [0]
+        starve = _Starvation(urls, f"slot {s.slot}" + (f", worker {wid}" if nw > 1 else ""))
+        current = [""]
 
         def handler(exc: BaseException) -> bool:
             errors[0] += 1
+            starve.reason(current[0], f"{type(exc).__name__}: {exc}")
             return True
 
         def raw() -> Iterator[dict[str, Any]]:
             while True:
-                url = rng.choice(urls)
-                yield from wds.tarfile_samples([{"url": url}], handler=handler)
+                url = current[0] = rng.choice(urls)
+                keys: set[str] = set()
+                for sample in wds.tarfile_samples([{"url": url}], handler=handler):
+                    keys.add(str(sample.get("__key__")))
+                    yield sample
+                starve.read(url, keys)
 
         def shuffled() -> Iterator[dict[str, Any]]:
             buf: list[dict[str, Any]] = []
@@ -357,20 +424,30 @@ class ShardStream(IterableDataset):
                 buf[k], sample = sample, buf[k]
                 yield sample
 
-        pos, corrupt = 0, 0
         skip = s.skip.get(wid, 0)
+        try:
+            yield from self._batches(shuffled(), rng, skip, starve, wid, errors)
+        except StreamStarved as e:  # the trainer stops every rank with this message
+            yield {"error": str(e)}
+
+    def _batches(self, samples: Iterator[dict[str, Any]], rng: random.Random, skip: int,
+                 starve: _Starvation, wid: int, errors: list[int]) -> Iterator[dict[str, Any]]:
+        s = self.spec
+        pos, corrupt = 0, 0
         images: list[np.ndarray] = []
         labels: list[int] = []
-        for sample in shuffled():
+        for sample in samples:
             pos += 1
             flip = rng.random() < 0.5
             if pos <= skip:
                 continue
             try:
                 arr, label = decode_sample(sample, s.resolution, s.channels, s.num_classes)
-            except Exception:
+            except Exception as e:
                 corrupt += 1
+                starve.bad(str(sample.get("__url__")), str(sample.get("__key__")), e)
                 continue
+            starve.good(str(sample.get("__url__")))
             if s.flip and flip:
                 arr = arr[:, :, ::-1]
             images.append(arr)

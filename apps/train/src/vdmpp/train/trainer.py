@@ -140,25 +140,67 @@ def _save_grid(images: Tensor, path: Path, nrow: int | None = None) -> None:
     Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
 
 
-class _Preemption:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the next step boundary."""
+class _DataWaitInterrupted(Exception):
+    """A stop signal arrived while the step waited on its data for longer than the grace."""
 
-    def __init__(self) -> None:
+
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the next step boundary.
+
+    A step blocked on its data (a stalled filesystem, a stream that cannot fill a batch) would
+    never reach that boundary; so when a signal arrives during a data wait, or a wait starts
+    after one, an alarm fires after ``grace`` seconds and, if that same wait is still going
+    on, breaks out of it (:class:`_DataWaitInterrupted`). The grace lets a normal wait finish
+    so that ranks stop together at a step boundary. ``$VDMPP_SIGNAL_GRACE_S`` sets it.
+    """
+
+    def __init__(self, grace: float | None = None) -> None:
         self.signal: int | None = None
+        self.grace = grace if grace is not None else float(
+            os.environ.get("VDMPP_SIGNAL_GRACE_S", "10")
+        )
         self._old: dict[int, Any] = {}
+        self._wait = 0  # id of the current data wait (0: none)
+        self._waits = 0
+        self._armed_for = -1
 
     def __enter__(self) -> _Preemption:
-        for s in (signal.SIGTERM, signal.SIGINT):
+        for s, h in ((signal.SIGTERM, self._handle), (signal.SIGINT, self._handle),
+                     (signal.SIGALRM, self._alarm)):  # fmt: skip
             with contextlib.suppress(ValueError):  # not the main thread
-                self._old[s] = signal.signal(s, self._handle)
+                self._old[s] = signal.signal(s, h)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: give up immediately
         self.signal = signum
+        if self._wait:
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._armed_for != self._wait and signal.SIGALRM in self._old:
+            self._armed_for = self._wait
+            signal.setitimer(signal.ITIMER_REAL, max(self.grace, 1e-3))
+
+    def _alarm(self, signum: int, frame: Any) -> None:
+        if self._wait and self._armed_for == self._wait:
+            raise _DataWaitInterrupted
+
+    @contextlib.contextmanager
+    def data_wait(self) -> Any:
+        self._waits += 1
+        self._wait = self._waits
+        if self.signal is not None:
+            self._arm()
+        try:
+            yield
+        finally:
+            self._wait = 0
 
     def __exit__(self, *exc: Any) -> None:
+        if signal.SIGALRM in self._old:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for s, h in self._old.items():
             signal.signal(s, h)
 
@@ -220,6 +262,8 @@ class Trainer:
         self._corrupt: dict[int, int] = {}
         self.nonfinite_run = 0
         self.resumed_from: Path | None = None
+        self._pre: _Preemption | None = None
+        self._data_error: str | None = None
         if resume:
             self._load_latest()
         if d.main:
@@ -311,7 +355,15 @@ class Trainer:
 
     # --- one optimizer step ---------------------------------------------------------------------
     def _batch(self, i: int) -> tuple[Tensor, Tensor | None]:
-        b = next(self.loaders[i])
+        with self._pre.data_wait() if self._pre is not None else contextlib.nullcontext():
+            b = next(self.loaders[i])
+        if "error" in b:  # this slot's stream can never fill a batch: stop every rank
+            self._data_error = b["error"]
+            cfg = self.cfg
+            shape = (self.per_device, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+            x = torch.zeros(shape, device=self.d.device)  # keeps the step's collectives in step
+            labels = torch.zeros(self.per_device, dtype=torch.long, device=self.d.device)
+            return x, labels if cfg.data.num_classes is not None else None
         self.positions.setdefault(self.slots[i], {})[b["worker"]] = b["pos"]
         self._corrupt[self.slots[i]] = b["corrupt"]
         x = b["image"].to(self.d.device, non_blocking=True).float() / 127.5 - 1.0
@@ -372,21 +424,26 @@ class Trainer:
             k = ((lam.double() - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1).long()
             bin_acc[0].index_add_(0, k, torch.nan_to_num(loss_d, nan=0.0, posinf=0.0))
             bin_acc[1].index_add_(0, k, torch.ones_like(loss_d))
-            if adaptive:
-                stats += sched.bin_stats(lam, mse)
-        flag = torch.full((), float(stop_requested), device=d.device, dtype=torch.float64)
-        reduced = d.all_reduce(torch.stack([loss_sum, flag]))
+            if adaptive:  # fused vdmpp::adaptive_bin_stats when vdmpp.kernels serves it
+                sched.add_stats(stats, lam, mse)
+        flag = torch.tensor([float(stop_requested), float(self._data_error is not None)],
+                            device=d.device, dtype=torch.float64)  # fmt: skip
+        reduced = d.all_reduce(torch.cat([loss_sum.reshape(1), flag]))
         params = [p for g in self.opt.param_groups for p in g["params"]]
         clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
         gn = torch.nn.utils.clip_grad_norm_(params, clip)
-        loss_total, stop, grad_norm = torch.cat([reduced, gn.reshape(1).double()]).tolist()
+        loss_total, stop, data_error, grad_norm = torch.cat(
+            [reduced, gn.reshape(1).double()]
+        ).tolist()
+        if data_error > 0:
+            self._raise_data_error()
         mean_loss = loss_total / self.global_batch
         ok = math.isfinite(mean_loss) and math.isfinite(grad_norm)
         if ok:
             self.opt.step()
             self._update_ema()
             if adaptive:
-                sched.apply_stats(d.all_reduce(stats))
+                sched.apply_stats(d.all_reduce(stats))  # fused vdmpp::adaptive_apply_stats
             self.nonfinite_run = 0
         else:
             self.nonfinite_run += 1
@@ -397,6 +454,16 @@ class Trainer:
             "loss": mean_loss, "grad_norm": grad_norm, "lr": lr, "ok": ok, "bins": bin_acc,
             "stop": stop > 0,
         }  # fmt: skip
+
+    def _raise_data_error(self) -> None:
+        """Every rank raises the same TrainingError naming the starved slot(s) and shards."""
+        msgs = [self._data_error]
+        if self.d.on:
+            parts: list[Any] = [None] * self.d.world
+            dist.all_gather_object(parts, self._data_error)
+            msgs = parts
+        self.opt.zero_grad(set_to_none=True)
+        raise TrainingError("; ".join(m for m in msgs if m) + " (no step was taken)")
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -520,8 +587,14 @@ class Trainer:
         result: dict[str, Any] = {"status": "done"}
         try:
             with _Preemption() as pre:
+                self._pre = pre
                 while self.step < cfg.steps:
-                    m = self.train_step(stop_requested=pre.signal is not None)
+                    at_boundary = (copy.deepcopy(self.positions), dict(self._corrupt))
+                    try:
+                        m = self.train_step(stop_requested=pre.signal is not None)
+                    except _DataWaitInterrupted:
+                        result = self._interrupted_in_data_wait(pre, *at_boundary)
+                        break
                     if m["ok"]:
                         window["loss"] += m["loss"]
                         window["gn"] += m["grad_norm"]
@@ -560,6 +633,23 @@ class Trainer:
                 tb.close()
         result.update(step=self.step, out=str(self.out), nonfinite=self.nonfinite_total)
         return result
+
+    def _interrupted_in_data_wait(self, pre: _Preemption, positions: dict, corrupt: dict
+                                  ) -> dict[str, Any]:  # fmt: skip
+        """A signal broke a data wait mid-step: nothing of the step was applied yet."""
+        name = signal.Signals(pre.signal or signal.SIGTERM).name
+        self.opt.zero_grad(set_to_none=True)
+        if self.d.on:  # the other ranks are inside the step's collectives: no checkpoint
+            raise TrainingError(
+                f"{name} received while rank {self.d.rank} waited {pre.grace:g} s for data at "
+                f"step {self.step}: exiting without a new checkpoint (--resume continues from "
+                f"the latest one)"
+            )
+        self.positions, self._corrupt = positions, corrupt
+        self.save_checkpoint()
+        self.log(f"{name} received while waiting for data: checkpoint at step {self.step}, "
+                 f"exiting")  # fmt: skip
+        return {"status": "preempted"}
 
     def close(self) -> None:
         """Stop the DataLoader workers now (they ignore SIGTERM: ``data.ignore_stop_signals``)."""
