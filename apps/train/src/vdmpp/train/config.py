@@ -40,8 +40,8 @@ __all__ = [
     "resolve_path",
 ]
 
-SCHEDULES = ("cosine", "edm_training", "edm_sampling", "flow_ot", "linear_vp", "learned")
-PARAMETERIZATIONS = ("eps", "x", "v", "edm")  # the heads vdmpp.models.Preconditioned has
+# Schedules, weightings and parameterizations come from the libraries' registries
+# (vdmpp.train.objective.check_objective): no list of them is kept here.
 PROCESSES = ("vp", "ve")
 PRECISIONS = ("fp32", "bf16")
 TIME_SAMPLERS = ("uniform", "low_discrepancy")
@@ -178,8 +178,6 @@ class Config:
         _choice("data.resume", d.resume, ("auto", "replay", "reseed"))
         _check(bool(d.source), "data.source", d.source, "must name 'digits' or shards")
         o = self.objective
-        _choice("objective.schedule", o.schedule, SCHEDULES)
-        _choice("objective.parameterization", o.parameterization, PARAMETERIZATIONS)
         _choice("objective.process", o.process, PROCESSES)
         _choice("objective.time_sampler", o.time_sampler, TIME_SAMPLERS)
         _check(
@@ -194,6 +192,9 @@ class Config:
             0 < o.adaptive_decay < 1, "objective.adaptive_decay", o.adaptive_decay, "in (0, 1)"
         )
         _check(o.sigma_data > 0, "objective.sigma_data", o.sigma_data, "must be > 0")
+        from .objective import check_objective  # names from the libraries' registries
+
+        check_objective(self)
         p = self.optimizer
         _choice("optimizer.name", p.name, ("adam", "adamw"))
         _check(p.lr > 0 and math.isfinite(p.lr), "optimizer.lr", p.lr, "must be > 0")
