@@ -3,13 +3,20 @@
 * :mod:`~vdmpp.losses.weightings`: w(λ) for each row of seed 000 Table 1 plus VDM++'s own.
 * :mod:`~vdmpp.losses.parameterizations`: eps / x / v / score / edm / flow conversions.
 * :class:`WeightedLoss`: the estimator ½·w(λ)/p(λ)·‖ε − ε̂‖² of seed 000 eq. 7.
-* :mod:`~vdmpp.losses.vlb`: VDM's prior, reconstruction and diffusion terms; :func:`bits_per_dim`.
+* :mod:`~vdmpp.losses.vlb`: VDM's prior, reconstruction and diffusion terms; :func:`bits_per_dim`
+  (also for a timestep-conditioned model on a DDPM ᾱ table: :func:`bits_per_dim_discrete`).
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from . import parameterizations, vlb, weightings
-from .vlb import VLBTerms, bits_per_dim
+from .vlb import (
+    DiscreteTimeModel,
+    TimestepModel,
+    VLBTerms,
+    bits_per_dim,
+    bits_per_dim_discrete,
+)
 from .weighted import LossOutput, WeightedLoss
 from .weightings import Weighting
 
@@ -19,11 +26,14 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "DiscreteTimeModel",
     "LossOutput",
+    "TimestepModel",
     "VLBTerms",
     "WeightedLoss",
     "Weighting",
     "bits_per_dim",
+    "bits_per_dim_discrete",
     "parameterizations",
     "vlb",
     "weightings",

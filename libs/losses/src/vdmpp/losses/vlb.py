@@ -15,28 +15,37 @@ divides by D·ln 2. The data are n-bit values on the grid v_k = −1 + 2k/(2ⁿ 
   ‖x − x̂‖² = e^{−λ_t}‖ε − ε̂‖²), estimated as T/2·expm1(λ_s − λ_t)‖ε − ε̂‖² at one random i.
   For a model whose error decreases with λ it is an upper Riemann sum of L_∞, so L_T ≥ L_∞ and
   L_{2T} ≤ L_T (seed 002 Sec. 3, seed 004 App. F).
+* A timestep-conditioned model on a DDPM table ᾱ_0 … ᾱ_{T−1} (:func:`bits_per_dim_discrete`): the
+  same bound with the table's own T latents, λ_i = log(ᾱ_i/(1 − ᾱ_i)): prior at λ_{T−1},
+  reconstruction at λ_0 and the T − 1 transitions between consecutive entries (VDM eq. 48–51).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from vdmpp.schedules import low_discrepancy, sigma_from_logsnr
+from vdmpp.schedules import low_discrepancy, sigma_from_logsnr, vp
 
 from . import parameterizations as P
 from .weighted import Model, WeightedLoss
 from .weightings import ELBO
 
 __all__ = [
+    "DiscreteTimeModel",
+    "TimestepModel",
     "VLBTerms",
     "bits_per_dim",
+    "bits_per_dim_discrete",
     "diffusion_loss",
     "diffusion_loss_discrete",
+    "diffusion_loss_timesteps",
+    "discrete_logsnr",
     "grid_index",
     "prior_kl",
     "reconstruction_loss",
@@ -220,10 +229,172 @@ class _FixedLogSNR:
         return lam
 
 
+# --- models on a discrete DDPM table ------------------------------------------------------------
+
+
+@runtime_checkable
+class DiscreteTimeModel(Protocol):
+    """A network on a DDPM table: ``alphas_cumprod`` (ᾱ_t, t = 0 … T − 1) and ε̂ at integer t.
+
+    ``predict_eps(z, t, **kwargs)``: z = √ᾱ_t·x + √(1 − ᾱ_t)·ε (VP units), t int64 of shape [B].
+    ``vdmpp.samplers.from_discrete(model, alphas_cumprod, ...)`` returns such an object (this
+    package does not import vdmpp.samplers: the protocol is the boundary); :class:`TimestepModel`
+    builds one from a plain ``model(z, t)``.
+    """
+
+    alphas_cumprod: Tensor
+
+    def predict_eps(self, z: Tensor, t: Tensor, **kwargs: Any) -> Tensor: ...
+
+
+def _check_table(alphas_cumprod: Tensor | Sequence[float]) -> Tensor:
+    a = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
+    if a.ndim != 1 or a.numel() < 2:
+        raise ValueError(f"alphas_cumprod must be 1-D with >= 2 entries, got {tuple(a.shape)}")
+    if not bool(((a > 0) & (a < 1)).all()) or not bool((a[1:] < a[:-1]).all()):
+        raise ValueError("alphas_cumprod must lie in (0, 1) and decrease strictly with t")
+    return a
+
+
+def discrete_logsnr(alphas_cumprod: Tensor | Sequence[float]) -> Tensor:
+    """λ_t = log(ᾱ_t/(1 − ᾱ_t)) of each table entry (float64, CPU; decreasing in t)."""
+    a = _check_table(alphas_cumprod)
+    return torch.log(a) - torch.log1p(-a)
+
+
+class TimestepModel:
+    """:class:`DiscreteTimeModel` from ``model(z, t, **kwargs)`` and its ``alphas_cumprod``.
+
+    The output, in ``parameterization`` (``eps``, ``v``, ``x``, …; VP process), becomes ε̂ by
+    :func:`vdmpp.losses.parameterizations.to_eps` at λ_t.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Tensor],
+        alphas_cumprod: Tensor | Sequence[float],
+        parameterization: str = "eps",
+    ) -> None:
+        self.model = model
+        self.alphas_cumprod = _check_table(alphas_cumprod)
+        self.parameterization = P.check_name(parameterization)
+        self._logsnr = discrete_logsnr(self.alphas_cumprod)
+
+    def predict_eps(self, z: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        out = self.model(z, t, **kwargs)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"the model returned {type(out).__name__}, not a tensor; wrap it "
+                "(e.g. lambda z, t: net(z, t).sample) or use vdmpp.samplers.from_discrete"
+            )
+        lam = self._logsnr.to(device=z.device)[t.long()].to(out.dtype)
+        return P.to_eps(out, self.parameterization, z, lam, process="vp")
+
+
+def _as_discrete(
+    model: Any, alphas_cumprod: Tensor | Sequence[float] | None, parameterization: str
+) -> DiscreteTimeModel:
+    if alphas_cumprod is None:
+        if isinstance(model, DiscreteTimeModel):
+            return model
+        raise TypeError(
+            "a discrete-time bound needs the model's alphas_cumprod: pass alphas_cumprod=..., or "
+            "a model with .alphas_cumprod and .predict_eps (vdmpp.samplers.from_discrete)"
+        )
+    return TimestepModel(model, alphas_cumprod, parameterization)
+
+
+def diffusion_loss_timesteps(
+    model: DiscreteTimeModel | Callable[..., Tensor],
+    x: Tensor,
+    alphas_cumprod: Tensor | Sequence[float] | None = None,
+    *,
+    parameterization: str = "eps",
+    model_kwargs: Mapping[str, Any] | None = None,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """VDM's discrete-time diffusion loss on a DDPM table, per example (nats).
+
+    With λ_i of :func:`discrete_logsnr` (i = 0 … T − 1) the table's latents are a chain of T
+    variables, and the bound's diffusion term has K = T − 1 transitions z_i → z_{i−1}
+    (VDM eq. 48–50): L = ½ Σ_{i=1}^{K} (SNR_{i−1} − SNR_i)‖x − x̂(z_i; i)‖². Since
+    x − x̂ = (σ_i/α_i)(ε̂ − ε) and σ_i²/α_i² = e^{−λ_i}, each term is
+    ½ expm1(λ_{i−1} − λ_i)‖ε − ε̂(z_i; i)‖² (no cancellation for small steps). The estimator draws
+    one i ∈ {1 … K} per example (VDM eq. 51): i = 1 + ⌊tK⌋ with t ∼ U[0, 1) (low-discrepancy
+    across the batch unless ``t`` is given), z_i = α_i x + σ_i ε and returns
+    K/2·expm1(λ_{i−1} − λ_i)‖ε − ε̂‖². ``model``: a :class:`DiscreteTimeModel` (then
+    ``alphas_cumprod`` is None), or ``model(z, t, **model_kwargs)`` in ``parameterization`` with
+    its ``alphas_cumprod``.
+    """
+    m = _as_discrete(model, alphas_cumprod, parameterization)
+    lam_tab = discrete_logsnr(m.alphas_cumprod)
+    k = int(lam_tab.numel()) - 1
+    n = x.shape[0]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if t is None:
+        gen_device = generator.device if generator is not None else x.device
+        t = low_discrepancy(n, generator=generator, device=gen_device, dtype=torch.float64)
+    elif t.shape != (n,):
+        raise ValueError(f"t must have shape [{n}], got {tuple(t.shape)}")
+    i = torch.clamp(torch.floor(t.detach().double().cpu() * k) + 1, 1, k).long()
+    lam_t, lam_s = lam_tab[i], lam_tab[i - 1]
+    if noise is None:
+        gen_device = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=dtype)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+    noise = noise.to(device=x.device, dtype=dtype)
+    shape = (n,) + (1,) * (x.ndim - 1)
+    alpha, sigma = vp(lam_t.to(device=x.device, dtype=dtype).reshape(shape))
+    z = (alpha * x.to(dtype) + sigma * noise).to(x.dtype)
+    eps_hat = m.predict_eps(z, i.to(x.device), **dict(model_kwargs or {}))
+    err = _sum_dims((noise - eps_hat.to(dtype)).square())
+    coef = torch.expm1(lam_s - lam_t).to(device=x.device, dtype=dtype)
+    return 0.5 * k * coef * err
+
+
+def bits_per_dim_discrete(
+    model: DiscreteTimeModel | Callable[..., Tensor],
+    x: Tensor,
+    alphas_cumprod: Tensor | Sequence[float] | None = None,
+    *,
+    parameterization: str = "eps",
+    bits: int = 8,
+    model_kwargs: Mapping[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+) -> VLBTerms:
+    """VDM's discrete-time bound in bits/dim for a model on a DDPM table, T from the table.
+
+    prior = D_KL(q(z_{T−1}|x) ‖ N(0, I)) at λ_{T−1}; reconstruction = VDM's discretized-Gaussian
+    decoder −log p(x|z_0) at λ_0 (model-free, :func:`reconstruction_loss`); diffusion =
+    :func:`diffusion_loss_timesteps` over the T − 1 transitions. One draw of i and ε per example.
+    This is VDM's bound for the network's reverse process with the posterior variances of
+    q(z_s|z_t, x) (VDM eq. 28; DDPM's σ² = β̃ choice); DDPM's own L_0 decodes x from z_0 with the
+    network instead, so its reported numbers differ by the reconstruction term.
+    """
+    m = _as_discrete(model, alphas_cumprod, parameterization)
+    lam_tab = discrete_logsnr(m.alphas_cumprod)
+    n = x.shape[0]
+    dims = x[0].numel()
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    prior = prior_kl(x, float(lam_tab[-1]))
+    gen_device = generator.device if generator is not None else x.device
+    eps0 = torch.randn(x.shape, generator=generator, device=gen_device, dtype=dtype)
+    recon = reconstruction_loss(x, float(lam_tab[0]), bits=bits, noise=eps0.to(x.device))
+    diff = diffusion_loss_timesteps(m, x, model_kwargs=model_kwargs, generator=generator)
+    scale = 1.0 / (dims * math.log(2.0))
+    prior, recon, diff = prior * scale, recon * scale, diff.to(prior.dtype) * scale
+    if diff.shape != (n,):
+        raise RuntimeError(f"internal: diffusion term has shape {tuple(diff.shape)}")
+    return VLBTerms(prior, recon, diff, prior + recon + diff)
+
+
 def bits_per_dim(
     model: Model,
     x: Tensor,
-    schedule: Any,
+    schedule: Any = None,
     *,
     steps: int | None = None,
     parameterization: str = "eps",
@@ -241,7 +412,19 @@ def bits_per_dim(
     bound and ``total.std()/√batch`` its standard error; repeat over batches for more draws.
     ``model(z, logsnr, class_labels)`` outputs ``parameterization`` for ``process``. Gradients
     flow (VDM trains on this bound); wrap in ``torch.no_grad()`` to evaluate.
+
+    A :class:`DiscreteTimeModel` (e.g. ``vdmpp.samplers.from_discrete(net, alphas_cumprod)``)
+    with ``schedule=None`` gets the discrete-time bound of its own table
+    (:func:`bits_per_dim_discrete`, T from the table; ``class_labels`` passed through).
     """
+    if schedule is None:
+        if not isinstance(model, DiscreteTimeModel):
+            raise TypeError(
+                "bits_per_dim needs a schedule, unless the model is a discrete-time model with "
+                ".alphas_cumprod and .predict_eps (vdmpp.samplers.from_discrete)"
+            )
+        kw = {} if class_labels is None else {"class_labels": class_labels}
+        return bits_per_dim_discrete(model, x, bits=bits, model_kwargs=kw, generator=generator)
     n = x.shape[0]
     dims = x[0].numel()
     lam_min, lam_max = schedule.logsnr_min, schedule.logsnr_max
