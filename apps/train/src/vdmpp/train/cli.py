@@ -39,7 +39,12 @@ def _train_parser() -> argparse.ArgumentParser:
         help="override a config key, value parsed as a TOML literal (repeatable)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="dry run: resolve names, build model and objective, probe the data, check the "
+        "device and batch split, print a summary; writes nothing",
+    )
     return p
 
 
@@ -82,12 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load(a.config, a.overrides)
         if a.check:
-            import torch
+            from .check import dry_run
 
-            from .objective import build_net
-
-            with torch.device("meta"):
-                build_net(cfg)
+            print(dry_run(cfg, resume=a.resume))
             print(f"{a.config}: ok")
             return 0
         from .trainer import TrainingError, train
