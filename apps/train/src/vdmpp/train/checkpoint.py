@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 __all__ = [
     "CheckpointError",
     "find_latest",
+    "is_loadable",
     "list_checkpoints",
     "load_checkpoint",
     "prune",
@@ -53,6 +55,8 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        mark_loadable(path)
     try:
         fd = os.open(path.parent, os.O_RDONLY)
     except OSError:  # pragma: no cover - e.g. Windows
@@ -109,23 +113,81 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def find_latest(
-    directory: str | Path, map_location: str | torch.device = "cpu"
+    directory: str | Path,
+    map_location: str | torch.device = "cpu",
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads, skipping (with a warning) any that do not."""
+    """The newest checkpoint that loads, skipping (with a warning) any that do not.
+
+    ``warn`` receives the one-line reason for each skipped file (default: ``warnings.warn``).
+    """
     for _, path in reversed(list_checkpoints(directory)):
         try:
-            return path, load_checkpoint(path, map_location)
+            state = load_checkpoint(path, map_location)
         except CheckpointError as e:
-            warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
+            msg = f"skipping unreadable checkpoint: {e}"
+            if warn is not None:
+                warn(msg)
+            else:
+                warnings.warn(msg, stacklevel=2)
+            continue
+        mark_loadable(path)
+        return path, state
     return None
 
 
+# (path, size, mtime_ns) of files known to load; a checkpoint is verified at most once.
+_LOADABLE: set[tuple[str, int, int]] = set()
+
+
+def _stat_key(path: Path) -> tuple[str, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def mark_loadable(path: str | Path) -> None:
+    """Record that ``path`` (as it is now on disk) loads: e.g. this process just wrote it."""
+    key = _stat_key(Path(path))
+    if key is not None:
+        _LOADABLE.add(key)
+
+
+def is_loadable(path: str | Path) -> bool:
+    """Whether ``path`` loads as a checkpoint (memory-mapped, weights-only; cached per file)."""
+    path = Path(path)
+    key = _stat_key(path)
+    if key is None:
+        return False
+    if key in _LOADABLE:
+        return True
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    ok = isinstance(obj, dict) and obj.get("format") == FORMAT and all(k in obj for k in REQUIRED)
+    del obj
+    if ok:
+        _LOADABLE.add(key)
+    return ok
+
+
 def prune(directory: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints and stale temp files; return what went."""
+    """Keep the newest ``keep`` *loadable* checkpoints; delete older ones and stale temp files.
+
+    An unreadable file (truncated, foreign, garbage) never counts towards ``keep``, so a
+    loadable checkpoint is never deleted in favour of it; unreadable files newer than the
+    kept ones are left alone (``find_latest`` skips them with a warning). Returns what went.
+    """
     d = Path(directory)
     gone = []
-    ckpts = list_checkpoints(d)
-    for _, p in ckpts[: max(len(ckpts) - keep, 0)]:
+    kept = 0
+    for _, p in reversed(list_checkpoints(d)):
+        if kept < keep:
+            kept += is_loadable(p)
+            continue
         p.unlink(missing_ok=True)
         gone.append(p)
     for p in d.glob(".ckpt-*.tmp"):

@@ -219,6 +219,21 @@ def _stop_signals_ignored() -> Any:
             signal.signal(s, h)
 
 
+def _differs(saved: Any, cfg: Config) -> str:
+    """The config tables that differ between a checkpoint's saved config and ``cfg``."""
+    if not isinstance(saved, str):
+        return "no config saved in the checkpoint"
+    try:
+        old = config_mod.tomllib.loads(saved)
+        new = config_mod.tomllib.loads(config_mod.dumps(cfg))
+    except Exception:  # a checkpoint's text is data, never trusted to parse
+        return "its saved config does not parse"
+    keys = [f"{t}.{k}" for t in ("model", "objective", "optimizer")
+            for k in sorted(set(old.get(t, {})) | set(new.get(t, {})))
+            if old.get(t, {}).get(k) != new.get(t, {}).get(k)]  # fmt: skip
+    return "differs in " + ", ".join(keys[:6]) if keys else "same model keys"
+
+
 # --- the trainer ---------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False) -> None:
@@ -325,16 +340,24 @@ class Trainer:
         return loaders
 
     def _load_latest(self) -> None:
-        found = ckpt.find_latest(self.ckpt_dir, map_location="cpu")
+        found = ckpt.find_latest(self.ckpt_dir, map_location="cpu", warn=self.log)
         if found is None:
-            self.log(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
+            self.log(f"--resume: no loadable checkpoint in {self.ckpt_dir}; starting from step 0")
             return
         path, state = found
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["optimizer"])
-        if state.get("schedule"):
-            self.objective.schedule.load_state_dict(state["schedule"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["optimizer"])
+            if state.get("schedule"):
+                self.objective.schedule.load_state_dict(state["schedule"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(
+                f"--resume: {path} was written for another model/optimizer/schedule config "
+                f"({_differs(state.get('config'), self.cfg)}): resume with the run's own "
+                f"{self.out / 'config.toml'}, or pass --set out=... for a new run "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         data = state.get("data", {})
