@@ -77,3 +77,13 @@ def test_the_readmes_have_python_snippets():
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.id for s in SNIPPETS])
 def test_readme_snippet_runs(snippet: Snippet, capsys):
     run_snippet(snippet, allow_skip=True)
+
+
+def test_a_broken_or_unrunnable_snippet_fails():
+    readme = ROOT / "README.md"
+    with pytest.raises(NameError):
+        run_snippet(Snippet(readme, 1, "x0 = heun(D, noise, sigmas)\n"), allow_skip=True)
+    missing = Snippet(readme, 1, "from vdmpp.nonexistent import thing\n")
+    assert missing.modules == ["vdmpp.nonexistent"]
+    with pytest.raises(AssertionError, match="not installed"):
+        run_snippet(missing, allow_skip=False)
