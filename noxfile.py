@@ -1,21 +1,34 @@
-"""Build and test vdmpp: every library in a venv of its own (the proof that it installs alone)."""
+"""Build, test and release vdmpp: every library in a venv of its own (the proof that it installs
+alone), every built wheel installed outside the clone, and the lowest declared versions tested."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import nox
 
 ROOT = Path(__file__).parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from dists import LIBRARIES, SOURCES, closure  # noqa: E402  (scripts/dists.py: release helpers)
+
 LIBS = ["schedules", "losses", "samplers", "models"]
 # The CPU wheel pinned here keeps CI off the multi-GB CUDA wheels; override on a GPU box,
 # e.g. VDMPP_TORCH="torch==2.11.0" VDMPP_TORCHVISION="torchvision==0.26.0" (the torchvision
 # that matches, which torch-fidelity needs in the apps session).
 TORCH = os.environ.get("VDMPP_TORCH", "torch==2.13.0")
 TORCHVISION = os.environ.get("VDMPP_TORCHVISION", "torchvision==0.28.0")
+# The lowest torch the libraries declare (`torch>=2.4` in every pyproject): `nox -s compat` runs
+# the library tests on it. PyPI only has CUDA builds of it for x86-64 Linux (~2.5 GB with the
+# nvidia wheels), which run fine on a CPU.
+TORCH_FLOOR = os.environ.get("VDMPP_TORCH_FLOOR", "torch==2.4.1")
 
-nox.options.sessions = ["lint", "tests", "kernels", "kernels_cuda_compile", "apps"]
+nox.options.sessions = [
+    "lint", "tests", "kernels", "kernels_cuda_compile", "apps", "release", "compat",
+]  # fmt: skip
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = False
 
@@ -26,12 +39,27 @@ def _install_torch(session: nox.Session, *extra: str) -> None:
         session.install(TORCH, *[e for e in extra if e])
 
 
+def _local(dist: str, extras: str = "") -> str:
+    """pip argument installing DIST from its monorepo sources, e.g. './libs/losses[test]'."""
+    return f"./{SOURCES[dist]}{extras}"
+
+
+def _with_siblings(dist: str, extras: str = "[test]") -> list[str]:
+    """DIST plus every vdmpp sibling it needs, all from local sources, for one pip command.
+
+    Published metadata names siblings by version range only (`vdmpp-schedules>=0.2,<0.3`); a
+    pip command that also names the sibling's source directory resolves the range to it, so no
+    index (and no path in any metadata) is involved.
+    """
+    return [_local(d) for d in closure(dist)] + [_local(dist, extras)]
+
+
 @nox.session
 @nox.parametrize("lib", LIBS)
 def tests(session: nox.Session, lib: str) -> None:
     """Install one library alone (plus its declared deps) and run its tests."""
     _install_torch(session)
-    session.install(f"./libs/{lib}[test]")
+    session.install(*_with_siblings(f"vdmpp-{lib}"))
     session.run("pytest", f"libs/{lib}/tests", *session.posargs)
 
 
@@ -39,11 +67,9 @@ def tests(session: nox.Session, lib: str) -> None:
 def apps(session: nox.Session) -> None:
     """Install the train and eval apps (which pull every library) and run their tests."""
     _install_torch(session, TORCHVISION)
-    apps = [d for d in ("train", "eval") if (ROOT / "apps" / d / "pyproject.toml").exists()]
-    if not apps:
-        session.skip("no apps yet")
-    session.install(*[f"./apps/{d}[test]" for d in apps])
-    session.run("pytest", *[f"apps/{d}/tests" for d in apps], *session.posargs)
+    libs = [_local(d) for d in closure("vdmpp-eval") if d in LIBRARIES]
+    session.install(*libs, "./apps/train[test]", "./apps/eval[test]")
+    session.run("pytest", "apps/train/tests", "apps/eval/tests", *session.posargs)
 
 
 @nox.session
@@ -136,3 +162,185 @@ def gpu(session: nox.Session) -> None:
     ]
     session.run("pytest", *tests, *session.posargs, env=env)
     session.run("python", "bench/kernels.py", "--device", "cuda", env=env)
+
+
+# --- development setup and releases ------------------------------------------------------------
+DEV_VENV = ROOT / ".venv"
+
+
+def _editable_args() -> list[str]:
+    """One pip command: every library and both apps editable, with their test extras."""
+    args = []
+    for dist in (*LIBRARIES, "vdmpp-train", "vdmpp-eval"):
+        args += ["-e", _local(dist, "[test]")]
+    return args
+
+
+@nox.session(venv_backend="none", default=False)
+def dev(session: nox.Session) -> None:
+    """Create ./.venv with every library and both apps editable; then `.venv/bin/pytest libs`."""
+    py = DEV_VENV / "bin" / "python"
+    if not py.exists():
+        session.run(sys.executable, "-m", "venv", str(DEV_VENV), external=True)
+    pip = [str(py), "-m", "pip", "install"]
+    session.run(*pip, TORCH, TORCHVISION, external=True)
+    session.run(*pip, *_editable_args(), "ruff>=0.5", "nox>=2024.3", external=True)
+    if "--kernels" in session.posargs:  # the C++ extension, built against the torch just installed
+        session.run(*pip, "setuptools>=77", "wheel", "ninja", external=True)
+        session.run(*pip, "--no-build-isolation", "./csrc", external=True)
+    session.log(f"ready: . {DEV_VENV}/bin/activate && pytest libs/losses/tests")
+
+
+def _outside_venv(session: nox.Session, where: Path, *packages: str) -> Path:
+    """A fresh venv at WHERE (outside the clone) with torch and PACKAGES from the index."""
+    session.run("python", "-m", "venv", str(where))
+    py = where / "bin" / "python"
+    session.run(str(py), "-m", "pip", "install", "--quiet", "--no-compile", TORCH, *packages,
+                external=True)  # fmt: skip
+    return py
+
+
+def _check_installed(session: nox.Session, py: Path, dist: str) -> None:
+    """DIST imports from PY's site-packages (not from the clone) at its pyproject version."""
+    mod = "vdmpp." + dist.removeprefix("vdmpp-")
+    src = str(ROOT / SOURCES[dist])
+    session.run(
+        str(py), "-c",
+        f"import {mod} as m; f = m.__file__; "
+        f"assert 'site-packages' in f and not f.startswith({src!r}), f; "
+        f"assert m.__version__ == {_project_version(dist)!r}, m.__version__; "
+        f"print('{dist}', m.__version__, 'from', f)",
+        external=True,
+    )  # fmt: skip
+
+
+def _test_installed(session: nox.Session, py: Path, dist: str, tests: Path, *args: str) -> None:
+    """Run TESTS (copied next to the venv) against DIST as installed in PY's venv, not the clone."""
+    _check_installed(session, py, dist)
+    copy = py.parent.parent / "tests" / dist
+    shutil.copytree(tests, copy, dirs_exist_ok=True)
+    (copy / "pytest.ini").write_text("[pytest]\nmarkers =\n    slow: slow test\n")
+    with session.chdir(copy):
+        session.run(str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    "--import-mode=importlib", ".", *args, external=True)  # fmt: skip
+
+
+def _project_version(dist: str) -> str:
+    from dists import project
+
+    return project(dist)["version"]
+
+
+@nox.session
+def release(session: nox.Session) -> None:
+    """Build every sdist + wheel, check metadata, test each installed alone outside the clone."""
+    _install_torch(session)
+    session.install("build>=1", "twine>=6.1", "packaging", "pytest>=7", "setuptools>=77", "wheel",
+                    "ninja")  # fmt: skip
+    dist = ROOT / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    for name, src in SOURCES.items():
+        if name == "vdmpp-kernels":  # setup.py imports torch: build against the installed one
+            session.run("python", "-m", "build", "--sdist", "--no-isolation", "--outdir", str(dist),
+                        src)  # fmt: skip
+        else:  # sdist, then the wheel built from the unpacked sdist (proves the sdist complete)
+            session.run("python", "-m", "build", "--outdir", str(dist), src)
+    # vdmpp-kernels' wheel is built from its sdist, as a user does: against the installed torch.
+    sdist = next(dist.glob("vdmpp_kernels-*.tar.gz"))
+    env = {"MAX_JOBS": os.environ.get("MAX_JOBS", "2"), "FORCE_CUDA": "0"}
+    session.run("python", "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w",
+                str(dist), str(sdist), env=env)  # fmt: skip
+    artifacts = sorted(str(p) for p in dist.iterdir() if p.suffix in (".whl", ".gz"))
+    session.run("twine", "check", "--strict", *artifacts)
+    session.run("python", "scripts/dists.py", "check", str(dist))
+    session.run("pytest", "-q", "scripts/tests")
+
+    work = Path(tempfile.mkdtemp(prefix="vdmpp-release-"))  # outside the repository
+    session.log(f"installing from {dist} into venvs under {work}")
+    try:
+        for lib in LIBRARIES:  # each library alone: its wheel, its siblings' wheels, torch
+            tests_extra = _project_extra(lib, "test")
+            py = _outside_venv(session, work / lib, *tests_extra)
+            session.run(str(py), "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
+                        str(dist), lib, external=True)  # fmt: skip
+            session.run(str(py), "-m", "pip", "check", external=True)
+            _test_installed(session, py, lib, ROOT / SOURCES[lib] / "tests")
+        # vdmpp-samplers[kernels] resolves vdmpp-kernels from the same wheelhouse
+        py = work / "vdmpp-samplers" / "bin" / "python"
+        session.run(str(py), "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
+                    str(dist), "vdmpp-samplers[kernels]", external=True)  # fmt: skip
+        _test_installed(session, py, "vdmpp-kernels", ROOT / "csrc" / "tests")
+        _test_installed(session, py, "vdmpp-samplers", ROOT / "libs/samplers/tests",
+                        "-k", "kernel")  # fmt: skip
+        _release_apps(session, work, dist)
+        _editable_in_one_command(session, work)
+    finally:
+        if "--keep" not in session.posargs:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _project_extra(dist: str, extra: str) -> list[str]:
+    from dists import project
+
+    return list(project(dist).get("optional-dependencies", {}).get(extra, []))
+
+
+def _release_apps(session: nox.Session, work: Path, dist: Path) -> None:
+    """Both apps from the wheelhouse (third-party deps from the index): train, sample, bits/dim."""
+    py = _outside_venv(session, work / "apps", TORCHVISION)
+    ours = [d for d in SOURCES if d != "vdmpp-kernels"]
+    # vdmpp distributions only from the wheelhouse (no index can shadow them), then their deps
+    session.run(str(py), "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                "--find-links", str(dist), *ours, external=True)  # fmt: skip
+    session.run(str(py), "-m", "pip", "install", "--quiet", "--find-links", str(dist),
+                "vdmpp-train", "vdmpp-eval", external=True)  # fmt: skip
+    session.run(str(py), "-m", "pip", "check", external=True)
+    for d in ours:
+        _check_installed(session, py, d)
+    bin_ = py.parent
+    run = work / "apps" / "run"
+    small = ["--set", "steps=20", "--set", "batch.global=8", "--set", "log.progress=false",
+             "--set", "sample.every=0", "--set", f"out={run}", "--set",
+             "model.overrides={model_channels=16, channel_mult=[1, 2], num_res_blocks=1, "
+             "attention_resolutions=[], head_channels=16}"]  # fmt: skip
+    with session.chdir(work):
+        session.run(str(bin_ / "vdmpp-train"), "digits", *small, external=True)
+        session.run(str(bin_ / "vdmpp-eval"), "sample", str(run), "--seeds", "0-7",
+                    "--steps", "4", "--out", str(work / "apps" / "samples"), "--no-progress",
+                    external=True)  # fmt: skip
+        session.run(str(bin_ / "vdmpp-eval"), "bpd", str(run), "--data", "digits:test",
+                    "--limit", "64", "--no-progress", external=True)  # fmt: skip
+
+
+def _editable_in_one_command(session: nox.Session, work: Path) -> None:
+    """`pip install -e` of every library and both apps in one command resolves (what `dev` runs)."""
+    py = _outside_venv(session, work / "editable", TORCHVISION)
+    with session.chdir(ROOT):
+        session.run(str(py), "-m", "pip", "install", "--quiet", *_editable_args(), external=True)
+    session.run(str(py), "-m", "pip", "check", external=True)
+    session.run(
+        str(py), "-c",
+        "import vdmpp.schedules, vdmpp.losses, vdmpp.samplers, vdmpp.models, vdmpp.train, "
+        f"vdmpp.eval as e; assert e.__file__.startswith({str(ROOT)!r}), e.__file__",
+        external=True,
+    )  # fmt: skip
+
+
+@nox.session
+def compat(session: nox.Session) -> None:
+    """Test each library against the lowest torch and lowest vdmpp siblings it declares."""
+    session.install(TORCH_FLOOR, "packaging")
+    session.run("python", "-c", "import torch; print('lowest torch:', torch.__version__)")
+    libs = [f"vdmpp-{lib}" for lib in LIBS if not session.posargs or lib in session.posargs]
+    for dist in libs:
+        wheels = Path(session.create_tmp()) / "lowest" / dist
+        shutil.rmtree(wheels, ignore_errors=True)
+        session.run("python", "scripts/dists.py", "lowest", dist, str(wheels))
+        # one library at a time: nothing of vdmpp's left from the previous one
+        session.run("python", "-m", "pip", "uninstall", "--quiet", "-y", *SOURCES)
+        lowest = sorted(str(p) for p in wheels.glob("*.whl"))
+        # this tree's library on its siblings' lowest versions (wheels built from git history)
+        session.install("--no-deps", *lowest, f"./{SOURCES[dist]}")
+        session.install(*_project_extra(dist, "test"))
+        session.run("python", "-m", "pip", "check")
+        _test_installed(session, Path(session.bin) / "python", dist, ROOT / SOURCES[dist] / "tests")
