@@ -10,14 +10,20 @@ with ``torch.save`` (``feature_extractor_weights_path``). vdmpp-eval takes the f
 ``--inception-weights PATH`` or ``$VDMPP_INCEPTION_WEIGHTS`` (else torch hub's cache, where
 torch-fidelity itself downloads it), reads it with ``weights_only=True`` and checks the keys,
 and hands torch-fidelity a verified copy in its cache — never the user's file, which
-torch-fidelity would unpickle without restriction.
+torch-fidelity would unpickle without restriction. The copy is named by the digests of the
+source and of itself and re-verified on every use (a swapped or torn file is rebuilt), and
+torch-fidelity's ``torch.load`` of it runs forced weights-only (:func:`weights_only_torch_load`),
+so even a poisoned cache is never unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +38,10 @@ __all__ = [
     "INCEPTION_FILE",
     "INCEPTION_URL",
     "compute_metrics",
+    "create_extractor",
     "extract_features",
     "inception_weights",
+    "weights_only_torch_load",
 ]
 
 INCEPTION_URL = (
@@ -71,9 +79,11 @@ def inception_weights(path: str | Path | None = None, *, required: bool = True) 
         return None
     data = p.read_bytes()
     digest = hashlib.sha256(data).hexdigest()[:16]
-    safe = cache_dir() / "eval" / f"inception-{digest}.pt"
-    if safe.is_file():
-        return safe
+    cache = cache_dir() / "eval"
+    for cached in sorted(cache.glob(f"inception-{digest}-*.pt")):
+        if _verified(cached):  # checked on every use: a swapped or torn file is rebuilt
+            return cached
+        cached.unlink(missing_ok=True)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -85,11 +95,66 @@ def inception_weights(path: str | Path | None = None, *, required: bool = True) 
         raise EvalError(f"{p}: not torch-fidelity's Inception-v3 state dict (keys "
                         f"{_INCEPTION_KEYS} expected); download {INCEPTION_URL}")
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    blob = buf.getvalue()
+    safe = cache / f"inception-{digest}-{hashlib.sha256(blob).hexdigest()}.pt"
     safe.parent.mkdir(parents=True, exist_ok=True)
     tmp = safe.with_name(f".{safe.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
+    tmp.write_bytes(blob)
     os.replace(tmp, safe)
     return safe
+
+
+def _verified(path: Path) -> bool:
+    """``inception-<source digest>-<sha256 of this file>.pt`` holds the bytes its name says."""
+    want = path.stem.rsplit("-", 1)[-1]
+    try:
+        return len(want) == 64 and hashlib.sha256(path.read_bytes()).hexdigest() == want
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """Every ``torch.load`` inside is weights-only, whatever the caller asks for.
+
+    torch-fidelity reads ``feature_extractor_weights_path`` with ``weights_only=False`` (it
+    would run any pickle); PyTorch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides that.
+    """
+    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def create_extractor(extractor: str, layers: list[str], *, weights: str | Path | None = None,
+                     cuda: bool = False) -> Any:
+    """torch-fidelity's feature extractor, its weights file read weights-only."""
+    import_torch_fidelity()
+    from torch_fidelity.utils import create_feature_extractor
+
+    kw: dict[str, Any] = {"verbose": False}
+    if weights is not None:
+        w = Path(weights)
+        cached = w.name.startswith("inception-") and w.parent == cache_dir() / "eval"
+        if cached and not _verified(w):
+            raise EvalError(f"{w}: cached Inception weights fail their digest check")
+        kw["feature_extractor_weights_path"] = str(w)
+    try:
+        with weights_only_torch_load():
+            return create_feature_extractor(extractor, list(layers), cuda=cuda, **kw)
+    except pickle.UnpicklingError as e:
+        raise EvalError(f"{weights}: refusing to unpickle feature-extractor weights: "
+                        f"{str(e).splitlines()[0][:200]}") from None
 
 
 class _Images(torch.utils.data.Dataset):
@@ -118,7 +183,7 @@ def extract_features(
 ) -> dict[str, torch.Tensor]:
     """Features of uint8 images [N, H, W, C] from a torch-fidelity feature extractor."""
     import_torch_fidelity()
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+    from torch_fidelity.utils import get_featuresdict_from_dataset
 
     if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
         raise EvalError(f"expected a non-empty uint8 [N, H, W, C] array, got {images.dtype} "
@@ -135,10 +200,7 @@ def extract_features(
             from safetensors.torch import load_file
 
             return load_file(str(key))
-    kw: dict[str, Any] = {"verbose": False}
-    if weights is not None:
-        kw["feature_extractor_weights_path"] = str(weights)
-    fe = create_feature_extractor(extractor, list(layers), cuda=cuda, **kw)
+    fe = create_extractor(extractor, layers, weights=weights, cuda=cuda)
     feats = get_featuresdict_from_dataset(
         _Images(images, rgb=extractor == INCEPTION), fe, batch_size, cuda, True, False
     )
