@@ -320,7 +320,7 @@ def test_discrete_bits_per_dim_through_vdmpp_losses():
 
 @pytest.mark.parametrize(
     "spacing, offset, want",
-    [  # Lin et al. 2024, Table 2 (T = 1000, 10 steps) and DDIM's "leading" with SD's offset 1
+    [  # Lin et al. 2024, Table 2 (T = 1000, 10 steps; 0-indexed as diffusers), SD's offset 1
         ("trailing", 0, [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),
         ("leading", 0, [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]),
         ("leading", 1, [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]),

@@ -333,8 +333,8 @@ def diffusion_loss_timesteps(
     k = int(lam_tab.numel()) - 1
     n = x.shape[0]
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if t is None:
-        gen_device = generator.device if generator is not None else x.device
+    if t is None:  # on the CPU unless the generator lives elsewhere: i indexes a CPU table
+        gen_device = generator.device if generator is not None else torch.device("cpu")
         t = low_discrepancy(n, generator=generator, device=gen_device, dtype=torch.float64)
     elif t.shape != (n,):
         raise ValueError(f"t must have shape [{n}], got {tuple(t.shape)}")
