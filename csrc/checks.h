@@ -12,9 +12,10 @@ inline bool is_supported_float(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
 }
 
-// `t` is an elementwise operand next to `ref`: same device and shape, contiguous, float32 or
-// bfloat16. Its dtype may differ from ref's: mixed operands are computed as the reference does
-// (each upcast to float32, the result cast to ref's dtype), see `all_same_dtype`.
+// `t` is an elementwise operand next to `ref`: same device, shape and strides (so one flat loop
+// over memory serves any dense layout, e.g. channels_last), float32 or bfloat16. Its dtype may
+// differ from ref's: mixed operands are computed as the reference does (each upcast to float32,
+// the result cast to ref's dtype), see `all_same_dtype`.
 inline void check_operand(const char* op, const at::Tensor& ref, const char* ref_name,
                           const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
@@ -23,15 +24,16 @@ inline void check_operand(const char* op, const at::Tensor& ref, const char* ref
               t.scalar_type());
   TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " has shape ", t.sizes(), " but ",
               ref_name, " has shape ", ref.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name,
-              " must be contiguous (call .contiguous() first)");
+  TORCH_CHECK(t.strides() == ref.strides(), op, ": ", name, " must have the memory layout of ",
+              ref_name, " (same strides; call .contiguous() on both first), got strides ",
+              t.strides(), " and ", ref.strides());
 }
 
 inline void check_elementwise_first(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK(is_supported_float(t), op, ": ", name, " must be float32 or bfloat16, got ",
               t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name,
-              " must be contiguous (call .contiguous() first)");
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": ", name,
+              " must be dense (contiguous in some dimension order; call .contiguous() first)");
 }
 
 inline bool all_same_dtype(const at::Tensor& a, const at::Tensor& b,
@@ -104,6 +106,50 @@ inline void check_adaptive(const at::Tensor& ema, const at::Tensor& cdf, const a
   TORCH_CHECK(decay > 0.0 && decay < 1.0, op, ": decay must lie in (0, 1), got ", decay);
   TORCH_CHECK(std::isfinite(logsnr_min) && std::isfinite(logsnr_max) && logsnr_min < logsnr_max,
               op, ": need finite logsnr_min < logsnr_max, got ", logsnr_min, ", ", logsnr_max);
+}
+
+// adaptive_bin_stats(stats, logsnr, value, logsnr_min, logsnr_max): stats [2, bins] float32.
+inline void check_bin_stats(const at::Tensor& stats, const at::Tensor& logsnr,
+                            const at::Tensor& value, double logsnr_min, double logsnr_max) {
+  constexpr const char* op = "vdmpp::adaptive_bin_stats";
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) >= 1, op,
+              ": stats must be [2, bins] (row 0 sums, row 1 counts), got shape ", stats.sizes());
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous(), op,
+              ": stats must be a contiguous float32 tensor, got ", stats.scalar_type());
+  TORCH_CHECK(logsnr.dim() == 1 && logsnr.sizes() == value.sizes(), op,
+              ": logsnr and value must be 1-D of equal shape, got ", logsnr.sizes(), " and ",
+              value.sizes());
+  TORCH_CHECK(is_supported_float(logsnr) && is_supported_float(value), op,
+              ": logsnr and value must be float32 or bfloat16, got ", logsnr.scalar_type(),
+              " and ", value.scalar_type());
+  TORCH_CHECK(logsnr.is_contiguous() && value.is_contiguous(), op,
+              ": logsnr and value must be contiguous");
+  for (const at::Tensor* t : {&logsnr, &value}) {
+    TORCH_CHECK(t->device() == stats.device(), op, ": all tensors must be on ", stats.device(),
+                " (the device of stats), got one on ", t->device());
+  }
+  TORCH_CHECK(std::isfinite(logsnr_min) && std::isfinite(logsnr_max) && logsnr_min < logsnr_max,
+              op, ": need finite logsnr_min < logsnr_max, got ", logsnr_min, ", ", logsnr_max);
+}
+
+// adaptive_apply_stats(ema, cdf, stats, decay): ema [bins], cdf [bins + 1], stats [2, bins].
+inline void check_apply_stats(const at::Tensor& ema, const at::Tensor& cdf,
+                              const at::Tensor& stats, double decay) {
+  constexpr const char* op = "vdmpp::adaptive_apply_stats";
+  TORCH_CHECK(ema.dim() == 1 && ema.numel() >= 1, op, ": ema must be 1-D [bins], got shape ",
+              ema.sizes());
+  TORCH_CHECK(cdf.dim() == 1 && cdf.numel() == ema.numel() + 1, op,
+              ": cdf must be 1-D [bins + 1] = [", ema.numel() + 1, "], got shape ", cdf.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == ema.numel(), op,
+              ": stats must be [2, bins] = [2, ", ema.numel(), "], got shape ", stats.sizes());
+  for (const at::Tensor* t : {&ema, &cdf, &stats}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), op,
+                ": ema, cdf and stats must be contiguous float32 tensors, got ",
+                t->scalar_type());
+    TORCH_CHECK(t->device() == ema.device(), op, ": all tensors must be on ", ema.device(),
+                " (the device of ema), got one on ", t->device());
+  }
+  TORCH_CHECK(decay > 0.0 && decay < 1.0, op, ": decay must lie in (0, 1), got ", decay);
 }
 
 }  // namespace vdmpp

@@ -1,8 +1,13 @@
 // vdmpp-kernels: schemas of the `vdmpp` torch custom ops (one TORCH_LIBRARY for the namespace).
-// CPU kernels: heun_step.cpp, adaptive_ema_update.cpp; CUDA kernels: cuda/*.cu. A CPU-only
-// build simply has no CUDA kernel registered (ask the dispatcher before relying on one).
+// CPU kernels: heun_step.cpp, adaptive_ema_update.cpp (the three adaptive ops); CUDA kernels:
+// cuda/*.cu. A CPU-only build simply has no CUDA kernel registered (ask the dispatcher before
+// relying on one).
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <Python.h>
 #include <torch/library.h>
+
+#include <vector>
 
 extern "C" {
 // `import vdmpp.kernels._C` loads this shared library, whose static initialisers register the
@@ -29,4 +34,83 @@ TORCH_LIBRARY(vdmpp, m) {
       "adaptive_ema_update(Tensor(a!) ema, Tensor(b!) cdf, Tensor logsnr, Tensor value, "
       "float decay, float logsnr_min, float logsnr_max) -> ()",
       {at::Tag::pt2_compliant_tag});
+  // The data-parallel pair (VDM++ App. H with the statistics all-reduced between the two):
+  // add one batch's per-bin [sum of value; count] into `stats` [2, bins], in place ...
+  m.def(
+      "adaptive_bin_stats(Tensor(a!) stats, Tensor logsnr, Tensor value, float logsnr_min, "
+      "float logsnr_max) -> ()",
+      {at::Tag::pt2_compliant_tag});
+  // ... then the EMA of the hit bins of `ema` from the (reduced) `stats` and the cdf refresh.
+  m.def("adaptive_apply_stats(Tensor(a!) ema, Tensor(b!) cdf, Tensor stats, float decay) -> ()",
+        {at::Tag::pt2_compliant_tag});
+  // Whether the kernels of this build have an image (SASS or PTX) that runs on probe's device
+  // (no launch, no sync): the loader asks once per device before dispatching to CUDA kernels.
+  m.def("kernel_image_ok(Tensor probe) -> bool");
+}
+
+namespace {
+bool kernel_image_ok_cpu(const at::Tensor&) { return true; }
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vdmpp, CPU, m) { m.impl("kernel_image_ok", &kernel_image_ok_cpu); }
+
+namespace {
+
+// The mutable (Tensor(a!)) arguments of `op` on the stack, in schema order.
+std::vector<at::Tensor> mutated_args(const c10::OperatorHandle& op, const torch::jit::Stack& st) {
+  const auto& args = op.schema().arguments();
+  const size_t n = args.size(), base = st.size() - n;
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < n; ++i) {
+    const auto* alias = args[i].alias_info();
+    if (alias != nullptr && alias->isWrite() && st[base + i].isTensor()) {
+      out.push_back(st[base + i].toTensor());
+    }
+  }
+  return out;
+}
+
+// Autograd: the adaptive ops update buffers and have no derivative. An input that requires grad
+// is an error (not a silent detach); otherwise continue below Autograd, through ADInplaceOrView.
+void no_grad_inplace_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+                              torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t n = args.size(), base = stack->size() - n;
+  for (size_t i = 0; i < n; ++i) {
+    const c10::IValue& v = (*stack)[base + i];
+    TORCH_CHECK(!v.isTensor() || !v.toTensor().defined() || !v.toTensor().requires_grad(),
+                op.schema().name(), ": derivative not implemented; argument '", args[i].name(),
+                "' requires grad (these ops update buffers: pass detached tensors)");
+  }
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+}
+
+// ADInplaceOrView: run the op, then bump the version counter of every tensor it mutated (what
+// the generated in-place aten ops do), so autograd detects a saved tensor the op overwrote.
+void bump_versions_inplace_or_view(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+                                   torch::jit::Stack* stack) {
+  std::vector<at::Tensor> mutated = mutated_args(op, *stack);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (at::Tensor& t : mutated) t.unsafeGetTensorImpl()->bump_version();
+}
+
+constexpr const char* kInplaceOps[] = {"adaptive_ema_update", "adaptive_bin_stats",
+                                       "adaptive_apply_stats"};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vdmpp, ADInplaceOrView, m) {
+  for (const char* op : kInplaceOps) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_versions_inplace_or_view>());
+  }
+}
+
+TORCH_LIBRARY_IMPL(vdmpp, Autograd, m) {
+  for (const char* op : kInplaceOps) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&no_grad_inplace_autograd>());
+  }
 }

@@ -1,6 +1,7 @@
 // CUDA kernels of vdmpp::heun_step and vdmpp::churn (EDM, seed 003, Alg. 1/2).
 //
-// Memory-bound elementwise: each thread moves 16 bytes per operand per iteration (float4 for
+// Operands share one dense memory layout (same strides: row-major, channels_last, ...), so the
+// kernels loop over memory flat. Memory-bound elementwise: each thread moves 16 bytes per operand per iteration (float4 for
 // float32, 8 x bf16), grid-stride over the vectors, with a scalar tail (and a scalar fallback
 // when a pointer is not 16-byte aligned). Math in float32 with explicit _rn intrinsics (no FMA
 // contraction), so results match the CPU kernel up to division rounding of the CUDA reference.
@@ -194,11 +195,33 @@ at::Tensor churn_cuda(const at::Tensor& x, const at::Tensor& noise, double t, do
 }
 
 }  // namespace
+
+bool adaptive_kernel_image_ok();  // cuda/adaptive_ema_update.cu
+
+namespace {
+
+// vdmpp::kernel_image_ok: do the kernels of both CUDA translation units have an image for the
+// probe's device? (The build compiles them for one arch list, so one kernel each suffices.)
+bool kernel_image_ok_cuda(const at::Tensor& probe) {
+  TORCH_CHECK(probe.is_cuda(), "vdmpp::kernel_image_ok: CUDA kernel got a ", probe.device(),
+              " tensor");
+  const c10::cuda::CUDAGuard guard(probe.device());
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, heun_step_kernel<float, true, true>);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // a non-sticky error: clear it so later calls do not see it
+    return false;
+  }
+  return adaptive_kernel_image_ok();
+}
+
+}  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(vdmpp, CUDA, m) {
   m.impl("heun_step", &cuda::heun_step_cuda);
   m.impl("churn", &cuda::churn_cuda);
+  m.impl("kernel_image_ok", &cuda::kernel_image_ok_cuda);
 }
 
 }  // namespace vdmpp

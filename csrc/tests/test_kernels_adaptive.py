@@ -1,4 +1,5 @@
-"""vdmpp::adaptive_ema_update equals Adaptive.bin_stats + apply_stats (VDM++ App. F/H)."""
+"""vdmpp::adaptive_ema_update and the data-parallel pair adaptive_bin_stats → all-reduce →
+adaptive_apply_stats equal Adaptive.bin_stats + apply_stats (VDM++ App. F/H)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _state(bins, device, seed=0):
 
 
 def R_cdf(ema):
-    c = torch.cumsum(ema.clamp_min(0), 0)
+    c = torch.cumsum(ema.clamp_min(torch.finfo(ema.dtype).tiny), 0)
     c = torch.cat([c.new_zeros(1), c / c[-1:]])
     return torch.cat([c[:-1], c.new_ones(1)])
 
@@ -114,16 +115,121 @@ def test_kernels_adaptive_nan_logsnr_is_an_error_cpu():
     assert torch.equal(ema, ema0) and torch.equal(cdf, cdf0)  # nothing written
 
 
-def test_kernels_adaptive_zero_mass_matches_reference():
-    """All EMA mass clamped to zero: the normalisation is 0/0 in both paths."""
+def test_kernels_adaptive_zero_mass_is_uniform():
+    """All EMA mass <= 0: every bin keeps the smallest normal float, so the cdf is uniform
+    (not 0/0 = NaN) in the kernel and the reference alike."""
     ema_k = torch.full((4,), -1.0)
     cdf_k = torch.zeros(5)
     ema_r, cdf_r = ema_k.clone(), cdf_k.clone()
     lam, value = torch.tensor([0.0]), torch.tensor([-5.0])
     K.adaptive_ema_update(ema_k, cdf_k, lam, value, 0.5, LMIN, LMAX)
     _step_ref(ema_r, cdf_r, lam, value, 0.5)
-    assert torch.equal(ema_k, ema_r)
-    torch.testing.assert_close(cdf_k, cdf_r, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(ema_k, ema_r) and torch.equal(cdf_k, cdf_r)
+    assert torch.equal(cdf_k, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+
+
+# --- the data-parallel pair: adaptive_bin_stats → (all-reduce) → adaptive_apply_stats --------
+@pytest.mark.parametrize("bins", [1, 7, 100])
+@pytest.mark.parametrize("n", [0, 1, 256, 4097])
+@pytest.mark.parametrize("kind", ["normal", "wide", "one_bin", "edges"])
+def test_kernels_pair_matches_reference_bitwise_cpu(bins, n, kind):
+    """Three micro-batches accumulated into one stats, then one apply: bit-equal."""
+    ema_k, cdf_k = _state(bins, "cpu")
+    ema_r, cdf_r = ema_k.clone(), cdf_k.clone()
+    for step in range(3):
+        st_k, st_r = torch.zeros(2, bins), torch.zeros(2, bins)
+        for micro in range(3):
+            lam, value = _batch(kind, n, seed=10 * step + micro)
+            K.adaptive_bin_stats(st_k, lam, value, LMIN, LMAX)
+            R.adaptive_bin_stats(st_r, lam, value, LMIN, LMAX)
+            assert torch.equal(st_k, st_r), (step, micro)
+        K.adaptive_apply_stats(ema_k, cdf_k, st_k, 0.9)
+        R.adaptive_apply_stats(ema_r, cdf_r, st_r, 0.9)
+        assert torch.equal(ema_k, ema_r) and torch.equal(cdf_k, cdf_r), step
+
+
+def test_kernels_pair_one_batch_equals_ema_update_cpu():
+    """bin_stats into zeros then apply_stats is adaptive_ema_update, bit for bit."""
+    ema_a, cdf_a = _state(64, "cpu")
+    ema_b, cdf_b = ema_a.clone(), cdf_a.clone()
+    lam, value = _batch("normal", 3000, seed=3)
+    K.adaptive_ema_update(ema_a, cdf_a, lam, value, 0.99, LMIN, LMAX)
+    stats = torch.zeros(2, 64)
+    K.adaptive_bin_stats(stats, lam, value, LMIN, LMAX)
+    K.adaptive_apply_stats(ema_b, cdf_b, stats, 0.99)
+    assert torch.equal(ema_a, ema_b) and torch.equal(cdf_a, cdf_b)
+
+
+def test_kernels_pair_summed_stats_equal_one_big_batch_counts():
+    """Stats are sum-reducible: two ranks' stats summed (the all-reduce) count every example
+    once, and the per-bin sums equal the whole batch's up to float32 summation order."""
+    lam, value = _batch("normal", 2000, seed=4)
+    whole, a, b = torch.zeros(2, 50), torch.zeros(2, 50), torch.zeros(2, 50)
+    K.adaptive_bin_stats(whole, lam, value, LMIN, LMAX)
+    K.adaptive_bin_stats(a, lam[:1000], value[:1000], LMIN, LMAX)
+    K.adaptive_bin_stats(b, lam[1000:], value[1000:], LMIN, LMAX)
+    reduced = a + b
+    assert torch.equal(reduced[1], whole[1]) and float(reduced[1].sum()) == 2000
+    torch.testing.assert_close(reduced[0], whole[0], rtol=1e-5, atol=1e-4)
+
+
+def test_kernels_pair_non_finite_and_nan_cpu():
+    inf, nan = float("inf"), float("nan")
+    lam = torch.tensor([-inf, inf, 0.5, 0.5, 7.0, -19.0, 19.9])
+    value = torch.tensor([1.0, 2.0, inf, 3.0, nan, -inf, 4.0])
+    st_k, st_r = torch.zeros(2, 10), torch.zeros(2, 10)
+    K.adaptive_bin_stats(st_k, lam, value, LMIN, LMAX)
+    R.adaptive_bin_stats(st_r, lam, value, LMIN, LMAX)
+    assert torch.equal(st_k, st_r)
+    assert st_k[1].nonzero().flatten().tolist() == [5, 9] and float(st_k[1].sum()) == 2
+    before = st_k.clone()
+    with pytest.raises(ValueError, match="logsnr contains NaN"):
+        K.adaptive_bin_stats(st_k, torch.tensor([0.0, nan]), torch.ones(2), LMIN, LMAX)
+    assert torch.equal(st_k, before)  # nothing written
+
+
+def test_kernels_pair_fractional_and_zero_counts_follow_reference():
+    """apply_stats takes any reduced stats: mean = sum / max(count, 1), only count > 0 moves."""
+    ema_k, cdf_k = _state(6, "cpu")
+    ema_r, cdf_r = ema_k.clone(), cdf_k.clone()
+    stats = torch.tensor([[3.0, 1.0, 0.0, -2.0, 5.0, 7.0], [2.0, 0.5, 0.0, 1.0, 0.0, 3.0]])
+    K.adaptive_apply_stats(ema_k, cdf_k, stats, 0.8)
+    R.adaptive_apply_stats(ema_r, cdf_r, stats, 0.8)
+    assert torch.equal(ema_k, ema_r) and torch.equal(cdf_k, cdf_r)
+    moved = (ema_k != _state(6, "cpu")[0]).nonzero().flatten().tolist()
+    assert moved == [0, 1, 3, 5]
+
+
+@pytest.mark.parametrize("op", ["ema_update", "bin_stats", "apply_stats"])
+def test_kernels_adaptive_mutation_bumps_version_counters(op):
+    """The schemas declare the mutation (Tensor(a!)), so the dispatcher bumps ._version of the
+    mutated tensors: autograd sees an in-place change of a saved tensor."""
+    ema, cdf = _state(8, "cpu")
+    stats = torch.zeros(2, 8)
+    lam, value = _batch("normal", 32, seed=1)
+    v_ema, v_cdf, v_stats, v_lam = ema._version, cdf._version, stats._version, lam._version
+    if op == "ema_update":
+        K.adaptive_ema_update(ema, cdf, lam, value, 0.9, LMIN, LMAX)
+    elif op == "bin_stats":
+        K.adaptive_bin_stats(stats, lam, value, LMIN, LMAX)
+    else:
+        stats[1] += 1
+        v_stats = stats._version
+        K.adaptive_apply_stats(ema, cdf, stats, 0.9)
+    if op == "bin_stats":
+        assert stats._version > v_stats and ema._version == v_ema
+    else:
+        assert ema._version > v_ema and cdf._version > v_cdf and stats._version == v_stats
+    assert lam._version == v_lam  # inputs read only
+    # a tensor saved for backward and then mutated by the op: autograd must refuse
+    w = torch.ones(8, requires_grad=True)
+    y = (w * ema).sum() if op != "bin_stats" else (w * stats[0]).sum()
+    if op == "bin_stats":
+        K.adaptive_bin_stats(stats, lam, value, LMIN, LMAX)
+    else:
+        K.adaptive_ema_update(ema, cdf, lam, value, 0.9, LMIN, LMAX)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
 
 
 # --- CUDA (skipped without a GPU) -------------------------------------------------------------
@@ -145,6 +251,52 @@ def test_kernels_adaptive_cuda_matches_cpu(bins, n, kind):
         torch.testing.assert_close(ema_g.cpu(), ema_c, rtol=2e-6, atol=1e-6)
         torch.testing.assert_close(cdf_g.cpu(), cdf_c, rtol=2e-6, atol=1e-6)
     assert cdf_g[0].item() == 0.0 and cdf_g[-1].item() == 1.0
+
+
+@cuda
+@pytest.mark.parametrize("bins", [1, 100, 2048])
+@pytest.mark.parametrize("n", [0, 1, 4096, 16384, 16385, 200_000])
+def test_kernels_pair_cuda_matches_cpu(bins, n):
+    ema_c, cdf_c = _state(bins, "cpu")
+    ema_g, cdf_g = ema_c.cuda(), cdf_c.cuda()
+    st_c, st_g = torch.zeros(2, bins), torch.zeros(2, bins, device="cuda")
+    for micro in range(2):
+        lam, value = _batch("normal", n, seed=micro)
+        K.adaptive_bin_stats(st_c, lam, value, LMIN, LMAX)
+        K.adaptive_bin_stats(st_g, lam.cuda(), value.cuda(), LMIN, LMAX)
+    assert torch.equal(st_g[1].cpu(), st_c[1])
+    torch.testing.assert_close(st_g.cpu(), st_c, rtol=2e-6, atol=1e-5)
+    K.adaptive_apply_stats(ema_c, cdf_c, st_c, 0.9)
+    K.adaptive_apply_stats(ema_g, cdf_g, st_c.cuda(), 0.9)  # same stats: only rounding differs
+    torch.testing.assert_close(ema_g.cpu(), ema_c, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(cdf_g.cpu(), cdf_c, rtol=2e-6, atol=1e-6)
+
+
+@cuda
+def test_kernels_pair_cuda_graph_capture():
+    """bin_stats → apply_stats capture in a CUDA graph (no host sync) and replay to eager."""
+    ema, cdf = _state(100, "cuda")
+    ema_e, cdf_e = ema.clone(), cdf.clone()
+    lam, value = _batch("normal", 4096, seed=7, device="cuda")
+    stats = torch.zeros(2, 100, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside capture
+        K.adaptive_bin_stats(stats.clone(), lam, value, LMIN, LMAX)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        stats.zero_()
+        K.adaptive_bin_stats(stats, lam, value, LMIN, LMAX)
+        K.adaptive_apply_stats(ema, cdf, stats, 0.9)
+    for _ in range(3):
+        graph.replay()
+        st = torch.zeros(2, 100, device="cuda")
+        K.adaptive_bin_stats(st, lam, value, LMIN, LMAX)
+        K.adaptive_apply_stats(ema_e, cdf_e, st, 0.9)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(ema, ema_e, rtol=1e-6, atol=0)
+    torch.testing.assert_close(cdf, cdf_e, rtol=1e-6, atol=0)
 
 
 @cuda

@@ -41,27 +41,57 @@ def test_kernels_opcheck_adaptive_ema_update(device, n):
     torch.library.opcheck(OPS.adaptive_ema_update.default, (ema, cdf, lam, value, 0.9, -20.0, 20.0))
 
 
+@pytest.mark.parametrize("n", [0, 1, 300])
+def test_kernels_opcheck_adaptive_pair(device, n):
+    stats = torch.rand(2, 16, device=device)
+    lam, value = _t(n, device=device) * 8, _t(n, device=device, seed=1).abs()
+    torch.library.opcheck(OPS.adaptive_bin_stats.default, (stats, lam, value, -20.0, 20.0))
+    ema = torch.rand(16, device=device) + 0.5
+    cdf = torch.zeros(17, device=device)
+    stats[1] = torch.arange(16, device=device) % 3  # some bins not hit
+    torch.library.opcheck(OPS.adaptive_apply_stats.default, (ema, cdf, stats, 0.9))
+
+
+def test_kernels_opcheck_channels_last(device):
+    """One dense non-row-major layout (same strides on every operand) is served flat."""
+    x, d1, d2 = (
+        _t(2, 3, 5, 7, device=device, seed=s).contiguous(memory_format=torch.channels_last)
+        for s in range(3)
+    )
+    torch.library.opcheck(OPS.heun_step.default, (x, d1, d2, 2.0, 1.5))
+    torch.library.opcheck(OPS.churn.default, (x, d1, 1.0, 1.25, 1.007))
+    out = K.heun_step(x, d1, d2, 2.0, 1.5)
+    assert out.stride() == x.stride()  # the result keeps the layout
+    assert torch.equal(out.contiguous(), K.heun_step(x.contiguous(), d1.contiguous(),
+                                                     d2.contiguous(), 2.0, 1.5))  # fmt: skip
+
+
 # --- torch.compile ----------------------------------------------------------------------------
 def test_kernels_torch_compile_fullgraph_cpu():
     torch._dynamo.reset()
 
-    def step(x, d1, d2, noise, ema, cdf, lam, value):
+    def step(x, d1, d2, noise, ema, cdf, lam, value, ema2, cdf2):
         x_hat = K.churn(x, noise, 1.0, 1.2, 1.0)
         x_next = K.heun_step(x_hat, d1, None, 1.2, 0.8)
         x_corr = K.heun_step(x_hat, d1, d2, 1.2, 0.8)
         K.adaptive_ema_update(ema, cdf, lam, value, 0.9, -20.0, 20.0)
-        return x_next * 2, x_corr
+        stats = ema2.new_zeros(2, ema2.shape[0])
+        K.adaptive_bin_stats(stats, lam, value, -20.0, 20.0)
+        K.adaptive_apply_stats(ema2, cdf2, stats, 0.9)
+        return x_next * 2, x_corr, stats
 
     x, d1, d2, noise = (_t(2, 3, 5, 7, seed=s) for s in range(4))
     lam, value = _t(64, seed=5) * 6, _t(64, seed=6).abs()
     ema_e, cdf_e = torch.ones(20), torch.linspace(0, 1, 21)
     ema_c, cdf_c = ema_e.clone(), cdf_e.clone()
-    eager = step(x, d1, d2, noise, ema_e, cdf_e, lam, value)
+    e2_e, c2_e, e2_c, c2_c = ema_e.clone(), cdf_e.clone(), ema_e.clone(), cdf_e.clone()
+    eager = step(x, d1, d2, noise, ema_e, cdf_e, lam, value, e2_e, c2_e)
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
-    got = compiled(x, d1, d2, noise, ema_c, cdf_c, lam, value)
+    got = compiled(x, d1, d2, noise, ema_c, cdf_c, lam, value, e2_c, c2_c)
     for a, b in zip(got, eager):
         assert torch.equal(a, b)
     assert torch.equal(ema_c, ema_e) and torch.equal(cdf_c, cdf_e)  # mutation kept
+    assert torch.equal(e2_c, e2_e) and torch.equal(c2_c, c2_e) and torch.equal(e2_c, ema_c)
 
 
 # --- can_use ----------------------------------------------------------------------------------
@@ -73,7 +103,13 @@ def test_kernels_can_use_predicate(monkeypatch):
     assert K.can_use("churn", x.bfloat16(), x.bfloat16())
     assert not K.can_use("heun_step", x.double())  # float64 stays on the reference
     assert not K.can_use("heun_step", x.half())
-    assert not K.can_use("heun_step", x.t())  # non-contiguous
+    assert not K.can_use("heun_step", x.t())  # not row-major / channels_last
+    x4 = _t(2, 3, 4, 5)
+    cl = x4.contiguous(memory_format=torch.channels_last)
+    assert K.can_use("heun_step", cl, cl.clone(memory_format=torch.preserve_format))
+    assert not K.can_use("heun_step", x4, cl)  # two layouts: the reference
+    assert not K.can_use("heun_step", x4[:, :, ::2])  # a strided view
+    assert not K.can_use("heun_step", x4, x4.half())  # float16 operand
     assert K.can_use("heun_step", x.bfloat16(), x, x)  # float32/bf16 mix: as the reference
     assert not K.can_use("heun_step", x, x.double())  # any other dtype in the mix
     assert not K.can_use("heun_step", x, _t(3, 2))  # shape mix
@@ -84,6 +120,12 @@ def test_kernels_can_use_predicate(monkeypatch):
     with torch.no_grad():
         assert K.can_use("heun_step", x)
     ema = torch.ones(10)
+    assert K.can_use("adaptive_bin_stats", torch.zeros(2, 10), _t(5), _t(5))
+    assert not K.can_use("adaptive_bin_stats", torch.zeros(3, 10), _t(5))
+    assert not K.can_use("adaptive_bin_stats", torch.zeros(2, 10).double(), _t(5))
+    assert K.can_use("adaptive_apply_stats", ema, torch.zeros(11), torch.zeros(2, 10))
+    assert not K.can_use("adaptive_apply_stats", ema, torch.zeros(11), torch.zeros(2, 9))
+    assert not K.can_use("adaptive_apply_stats", ema, torch.zeros(11))
     assert K.can_use("adaptive_ema_update", ema, _t(5))
     assert K.can_use("adaptive_ema_update", ema, _t(5).bfloat16())
     assert not K.can_use("adaptive_ema_update", ema.double(), _t(5))
@@ -102,9 +144,11 @@ def test_kernels_heun_bad_input_errors():
         K.heun_step(x.double(), x.double(), None, 1.0, 0.5)
     with pytest.raises(RuntimeError, match="must be float32 or bfloat16"):
         K.heun_step(x.long(), x.long(), None, 1.0, 0.5)
-    with pytest.raises(RuntimeError, match="must be contiguous"):
-        K.heun_step(x.t(), x.t(), None, 1.0, 0.5)
-    with pytest.raises(RuntimeError, match="denoised_next must be contiguous"):
+    assert torch.equal(K.heun_step(x.t(), x.t(), None, 1.0, 0.5),  # one dense layout: served
+                       R.heun_step(x.t(), x.t(), None, 1.0, 0.5))  # fmt: skip
+    with pytest.raises(RuntimeError, match="must be dense"):
+        K.heun_step(x[:, ::2], x[:, ::2], None, 1.0, 0.5)
+    with pytest.raises(RuntimeError, match="denoised_next must have the memory layout of x_hat"):
         K.heun_step(x, x, _t(5, 4).t(), 1.0, 0.5)
     with pytest.raises(RuntimeError, match="shape"):
         K.heun_step(x, _t(5, 4), None, 1.0, 0.5)
@@ -116,6 +160,40 @@ def test_kernels_heun_bad_input_errors():
         K.churn(x, x, 2.0, 1.0, 1.0)
     with pytest.raises(RuntimeError, match="noise must be float32 or bfloat16, got Half"):
         K.churn(x, x.half(), 1.0, 2.0, 1.0)
+
+
+def test_kernels_adaptive_pair_bad_input_errors():
+    stats, lam, val = torch.zeros(2, 8), _t(6), _t(6).abs()
+    with pytest.raises(RuntimeError, match=r"stats must be \[2, bins\]"):
+        K.adaptive_bin_stats(torch.zeros(8), lam, val, -20, 20)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        K.adaptive_bin_stats(stats.double(), lam, val, -20, 20)
+    with pytest.raises(RuntimeError, match="equal shape"):
+        K.adaptive_bin_stats(stats, lam, val[:5], -20, 20)
+    with pytest.raises(RuntimeError, match="logsnr_min < logsnr_max"):
+        K.adaptive_bin_stats(stats, lam, val, 1, 1)
+    ema, cdf = torch.ones(8), torch.zeros(9)
+    with pytest.raises(RuntimeError, match=r"stats must be \[2, bins\] = \[2, 8\]"):
+        K.adaptive_apply_stats(ema, cdf, torch.zeros(2, 7), 0.9)
+    with pytest.raises(RuntimeError, match=r"cdf must be 1-D \[bins \+ 1\]"):
+        K.adaptive_apply_stats(ema, torch.zeros(8), stats, 0.9)
+    with pytest.raises(RuntimeError, match="decay must lie in"):
+        K.adaptive_apply_stats(ema, cdf, stats, 0.0)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        K.adaptive_apply_stats(ema, cdf, stats.bfloat16(), 0.9)
+
+
+def test_kernels_adaptive_ops_refuse_inputs_that_require_grad():
+    """No derivative: an input that requires grad is an error, not a silent detach."""
+    stats = torch.zeros(2, 8)
+    val = _t(6).abs().requires_grad_()
+    with pytest.raises(RuntimeError, match="not implemented"):
+        K.adaptive_bin_stats(stats, _t(6), val, -20, 20)
+
+
+def test_kernels_kernel_image_probe_cpu():
+    assert OPS.kernel_image_ok(torch.empty(0)) is True and K.device_ok("cpu")
+    assert not K.device_ok("meta")
 
 
 def test_kernels_adaptive_bad_input_errors():

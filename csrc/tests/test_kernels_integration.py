@@ -143,3 +143,72 @@ def test_kernels_adaptive_training_loop_same_with_and_without(monkeypatch, bins)
     monkeypatch.setenv("VDMPP_KERNELS", "0")
     fast.update(lam, loss)
     assert len(calls) == 40
+
+
+needs_train = pytest.mark.skipif(
+    importlib.util.find_spec("vdmpp.train") is None, reason="vdmpp-train not installed"
+)
+
+# digits at 8×8 with a tiny U-Net (as the train app's tests): 2 micro-batches of 8 per step, so
+# the statistics of two slots are accumulated before the (single-rank) all-reduce and the apply.
+_DIGITS_SMALL = [
+    "data.resolution=8",
+    "batch.global=16",
+    "batch.per_device=8",
+    "model.overrides={model_channels=16, channel_mult=[1, 2], num_res_blocks=1, "
+    "attention_resolutions=[], head_channels=16}",
+    "log.progress=false",
+    "sample.every=0",
+    "optimizer.warmup_images=0",
+    "device=cpu",
+]
+
+
+def _digits_run(tmp_path, name, steps):
+    from vdmpp.train import config as C
+    from vdmpp.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    cfg = C.load("digits", [*_DIGITS_SMALL, f"out={tmp_path / name}", f"steps={steps}"])
+    trainer = Trainer(cfg.validate())
+    try:
+        for _ in range(steps):
+            assert trainer.train_step()["ok"]
+        sched = trainer.objective.schedule
+        return (
+            {k: v.clone() for k, v in trainer.model.state_dict().items()},
+            sched.ema.clone(),
+            sched.cdf.clone(),
+        )
+    finally:
+        trainer.close()
+
+
+@needs_train
+def test_kernels_digits_training_runs_the_fused_pair_and_equals_reference(monkeypatch, tmp_path):
+    """A digits training run with the extension goes through adaptive_bin_stats (once per
+    micro-batch) and adaptive_apply_stats (once per step), and its weights and schedule equal,
+    bit for bit, the run with VDMPP_KERNELS=0 (the PyTorch bin_stats → apply_stats path)."""
+    monkeypatch.delenv("VDMPP_KERNELS", raising=False)
+    calls = {"bin_stats": 0, "apply_stats": 0, "ema_update": 0}
+    for name in calls:
+        real = getattr(K, f"adaptive_{name}")
+
+        def counted(*a, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*a)
+
+        monkeypatch.setattr(K, f"adaptive_{name}", counted)
+    steps = 6
+    fused = _digits_run(tmp_path, "fused", steps)
+    assert calls == {"bin_stats": 2 * steps, "apply_stats": steps, "ema_update": 0}
+    monkeypatch.setenv("VDMPP_KERNELS", "0")
+    reference = _digits_run(tmp_path, "reference", steps)
+    assert calls == {"bin_stats": 2 * steps, "apply_stats": steps, "ema_update": 0}
+    weights_f, ema_f, cdf_f = fused
+    weights_r, ema_r, cdf_r = reference
+    assert weights_f.keys() == weights_r.keys()
+    for k in weights_f:
+        assert torch.equal(weights_f[k], weights_r[k]), k
+    assert torch.equal(ema_f, ema_r) and torch.equal(cdf_f, cdf_r)
+    assert not torch.equal(ema_f, torch.ones_like(ema_f))  # the schedule did move

@@ -131,3 +131,94 @@ def test_shape_mismatch_and_bad_t():
         s.logsnr(torch.tensor([-0.1]))
     with pytest.raises(TypeError):
         Adaptive("elbo")
+
+
+# --- the density floor: p(λ(t)) > 0 for every t the schedule can return ---------------------
+def _returned_density_positive(s: Adaptive) -> None:
+    t = torch.cat([torch.tensor([0.0, 1e-9, 1e-7, 1.0 - 1e-7, 1.0]), torch.linspace(0, 1, 4097)])
+    lam, p = s.logsnr_pdf(t)
+    assert bool(torch.isfinite(lam).all()) and bool((p > 0).all()), (t[p <= 0], lam[p <= 0])
+    # p is the piecewise-constant density of the bin λ(t) lies in (from either side at an edge)
+    inside = (lam >= s.logsnr_min) & (lam <= s.logsnr_max)
+    assert bool(inside.all())
+
+
+def test_top_bins_with_zero_mass_never_give_zero_density_at_t0():
+    """EMA decayed to 0 in the top bins (e.g. a weighting that underflows at high λ): t = 0 maps
+    to the upper end of the support (the last bin with mass), where p > 0, not into the flat
+    tail where p = 0 (loss = w/p = inf)."""
+    s = Adaptive(ONES, bins=10, logsnr_min=-5, logsnr_max=5)
+    s.ema.copy_(torch.tensor([1.0] * 7 + [0.0] * 3))
+    s.cdf.copy_(s.cdf_from_ema(s.ema))
+    _returned_density_positive(s)
+    lam, p = s.logsnr_pdf(torch.tensor([0.0]))
+    assert lam.item() == pytest.approx(2.0) and p.item() == pytest.approx(1 / 7)  # top of bin 6
+
+
+def test_top_bin_share_rounding_to_zero_in_float32():
+    """The top bin holds mass ≪ float32 eps of the total: cdf[bins-1] rounds to 1 exactly."""
+    s = Adaptive(ONES, bins=8, logsnr_min=-4, logsnr_max=4)
+    s.ema.copy_(torch.tensor([1.0] * 7 + [1e-12]))
+    s.cdf.copy_(s.cdf_from_ema(s.ema))
+    assert s.cdf[-2].item() == 1.0  # the share rounded away
+    _returned_density_positive(s)
+
+
+def test_all_zero_ema_is_the_uniform_schedule_not_nan():
+    s = Adaptive(ONES, bins=5, decay=0.5, logsnr_min=-5, logsnr_max=5)
+    s.ema.zero_()
+    s.update(torch.tensor([0.0]), torch.tensor([0.0]))  # keeps every bin at 0
+    assert torch.equal(s.cdf, torch.linspace(0, 1, 6))
+    _returned_density_positive(s)
+
+
+def test_density_positive_after_training_like_updates_with_underflowing_weight():
+    """A weighting that is exactly 0 above λ = 8 for 300 steps of decay 0.5: those bins' EMA
+    decays below the float32 normals (0.5^300), their cdf share rounds to 0."""
+    w = lambda lam: torch.where(lam < 8, torch.exp(-lam), torch.zeros_like(lam))
+    s = Adaptive(w, bins=40, decay=0.5, logsnr_min=-10, logsnr_max=10)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        lam = torch.rand(256, generator=g) * 20 - 10
+        s.update(lam, torch.ones(256))
+    assert (s.ema < torch.finfo(torch.float32).tiny).any()
+    assert s.cdf[-5].item() == 1.0  # the top 4 bins hold no float32 mass
+    _returned_density_positive(s)
+
+
+# --- add_stats / apply_stats (the data-parallel path the trainer runs) ----------------------
+def test_add_stats_accumulates_bin_stats():
+    g = torch.Generator().manual_seed(3)
+    s = Adaptive(lambda lam: torch.sigmoid(2 - lam), bins=16, logsnr_min=-8, logsnr_max=8)
+    stats = s.new_stats()
+    ref = torch.zeros(2, 16)
+    for _ in range(3):
+        lam, loss = torch.randn(40, generator=g) * 5, torch.rand(40, generator=g)
+        assert s.add_stats(stats, lam, loss) is stats
+        ref += s.bin_stats(lam, loss)
+    assert torch.equal(stats, ref)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "0"])
+def test_data_parallel_path_equals_reference(monkeypatch, kernels):
+    """add_stats ×2 → apply_stats, with the kernels (when installed) or VDMPP_KERNELS=0, equals
+    the bin_stats → apply_stats reference with force_reference, bit for bit on CPU."""
+    if kernels == "0":
+        monkeypatch.setenv("VDMPP_KERNELS", "0")
+    else:
+        monkeypatch.delenv("VDMPP_KERNELS", raising=False)
+    w = lambda lam: torch.sigmoid(2 - lam)
+    a = Adaptive(w, bins=50, decay=0.95, logsnr_min=-12, logsnr_max=10)
+    b = Adaptive(w, bins=50, decay=0.95, logsnr_min=-12, logsnr_max=10)
+    b.force_reference = True
+    g = torch.Generator().manual_seed(4)
+    for step in range(20):
+        st_a, st_b = a.new_stats(), b.new_stats()
+        for _ in range(2):
+            lam = a.logsnr(torch.rand(64, generator=g))
+            loss = (1 + torch.tanh(lam / 4)) * torch.rand(64, generator=g)
+            a.add_stats(st_a, lam, loss)
+            st_b += b.bin_stats(lam, loss)
+        a.apply_stats(st_a)
+        b.apply_stats(st_b)
+        assert torch.equal(a.ema, b.ema) and torch.equal(a.cdf, b.cdf), step

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["adaptive_ema_update", "churn", "heun_step"]
+__all__ = [
+    "adaptive_apply_stats",
+    "adaptive_bin_stats",
+    "adaptive_ema_update",
+    "churn",
+    "heun_step",
+]
 
 
 def heun_step(
@@ -46,6 +52,26 @@ def adaptive_ema_update(
     )
 
 
+def adaptive_bin_stats(
+    stats: Tensor, logsnr: Tensor, value: Tensor, logsnr_min: float, logsnr_max: float
+) -> None:
+    """In place: ``stats[0, k] += Σ value``, ``stats[1, k] += count`` over this batch's λ in bin k.
+
+    ``stats`` is a float32 [2, bins] accumulator (sum-reducible across ranks and micro-batches);
+    non-finite pairs are skipped; NaN λ is a ValueError on CPU and skipped on CUDA. The first
+    half of the data-parallel update of VDM++ App. H: all-reduce ``stats``, then
+    :func:`adaptive_apply_stats`.
+    """
+    torch.ops.vdmpp.adaptive_bin_stats.default(
+        stats, logsnr, value, float(logsnr_min), float(logsnr_max)
+    )
+
+
+def adaptive_apply_stats(ema: Tensor, cdf: Tensor, stats: Tensor, decay: float) -> None:
+    """In place: EMA of the bins hit in ``stats`` (mean = sum / max(count, 1)), refresh ``cdf``."""
+    torch.ops.vdmpp.adaptive_apply_stats.default(ema, cdf, stats, float(decay))
+
+
 def _same(op: str, ref: Tensor, ref_name: str, t: Tensor, name: str) -> None:
     _float(op, t, name)  # float32/bf16 may mix: computed in float32, result in ref's dtype
     torch._check(t.device == ref.device, lambda: f"{op}: {name} and {ref_name} devices differ")
@@ -81,4 +107,21 @@ if hasattr(torch.ops.vdmpp, "heun_step"):  # only when the compiled library is l
         torch._check(ema.dim() == 1, lambda: f"{op}: ema must be 1-D")
         torch._check(cdf.shape == (ema.shape[0] + 1,), lambda: f"{op}: cdf must be [bins + 1]")
         torch._check(logsnr.shape == value.shape, lambda: f"{op}: logsnr/value shapes differ")
+        return None
+
+    @torch.library.register_fake("vdmpp::adaptive_bin_stats")
+    def _adaptive_bin_stats_fake(stats, logsnr, value, logsnr_min, logsnr_max):
+        op = "vdmpp::adaptive_bin_stats"
+        torch._check(stats.dim() == 2 and stats.shape[0] == 2, lambda: f"{op}: stats [2, bins]")
+        torch._check(stats.dtype == torch.float32, lambda: f"{op}: stats must be float32")
+        torch._check(logsnr.dim() == 1, lambda: f"{op}: logsnr must be 1-D")
+        torch._check(logsnr.shape == value.shape, lambda: f"{op}: logsnr/value shapes differ")
+        return None
+
+    @torch.library.register_fake("vdmpp::adaptive_apply_stats")
+    def _adaptive_apply_stats_fake(ema, cdf, stats, decay):
+        op = "vdmpp::adaptive_apply_stats"
+        torch._check(ema.dim() == 1, lambda: f"{op}: ema must be 1-D")
+        torch._check(cdf.shape == (ema.shape[0] + 1,), lambda: f"{op}: cdf must be [bins + 1]")
+        torch._check(stats.shape == (2, ema.shape[0]), lambda: f"{op}: stats must be [2, bins]")
         return None

@@ -11,7 +11,14 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["adaptive_ema_update", "churn", "heun_step"]
+__all__ = [
+    "adaptive_apply_stats",
+    "adaptive_bin_stats",
+    "adaptive_ema_update",
+    "cdf_from_ema",
+    "churn",
+    "heun_step",
+]
 
 
 def _ct(dtype: torch.dtype) -> torch.dtype:
@@ -42,6 +49,41 @@ def churn(x: Tensor, noise: Tensor, t: float, t_hat: float, s_noise: float) -> T
     return (x.to(ct) + scale * noise.to(ct)).to(x.dtype)
 
 
+def cdf_from_ema(ema: Tensor) -> Tensor:
+    """[0, cumsum(max(ema, tiny)) / total, ..., exactly 1] (tiny: smallest normal float)."""
+    c = torch.cumsum(ema.clamp_min(torch.finfo(ema.dtype).tiny), 0)
+    c = torch.cat([c.new_zeros(1), c / c[-1:]])
+    return torch.cat([c[:-1], c.new_ones(1)])
+
+
+@torch.no_grad()
+def adaptive_bin_stats(
+    stats: Tensor, logsnr: Tensor, value: Tensor, logsnr_min: float, logsnr_max: float
+) -> None:
+    """Reference of ``vdmpp::adaptive_bin_stats`` (stats += Adaptive.bin_stats without w)."""
+    bins = stats.shape[1]
+    width = (logsnr_max - logsnr_min) / bins
+    lam, val = logsnr.to(stats.dtype), value.to(stats.dtype)
+    if lam.device.type == "cpu" and lam.numel() and bool(torch.isnan(lam).any()):
+        raise ValueError("logsnr contains NaN")
+    ok = torch.isfinite(lam) & torch.isfinite(val)
+    k = torch.floor((torch.nan_to_num(lam, nan=logsnr_min) - logsnr_min) / width)
+    k = k.clamp(0, bins - 1).long()
+    new = stats.new_zeros(2, bins)
+    new[0].index_add_(0, k, torch.where(ok, val, torch.zeros_like(val)))
+    new[1].index_add_(0, k, ok.to(stats.dtype))
+    stats += new
+
+
+@torch.no_grad()
+def adaptive_apply_stats(ema: Tensor, cdf: Tensor, stats: Tensor, decay: float) -> None:
+    """Reference of ``vdmpp::adaptive_apply_stats`` (Adaptive.apply_stats)."""
+    sums, counts = stats[0], stats[1]
+    mean = sums / counts.clamp_min(1)
+    ema.copy_(torch.where(counts > 0, decay * ema + (1 - decay) * mean, ema))
+    cdf.copy_(cdf_from_ema(ema))
+
+
 @torch.no_grad()
 def adaptive_ema_update(
     ema: Tensor,
@@ -65,6 +107,4 @@ def adaptive_ema_update(
     counts = ema.new_zeros(bins).index_add_(0, k, ok.to(ema.dtype))
     mean = sums / counts.clamp_min(1)
     ema.copy_(torch.where(counts > 0, decay * ema + (1 - decay) * mean, ema))
-    c = torch.cumsum(ema.clamp_min(0), 0)
-    c = torch.cat([c.new_zeros(1), c / c[-1:]])
-    cdf.copy_(torch.cat([c[:-1], c.new_ones(1)]))
+    cdf.copy_(cdf_from_ema(ema))

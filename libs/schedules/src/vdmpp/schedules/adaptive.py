@@ -25,7 +25,15 @@ class Adaptive(nn.Module):
     their value. λ outside the range is clipped into the end bins; examples with a non-finite loss
     (or, on accelerators, λ) are ignored; NaN λ on CPU is an error (free to check there).
     No host sync, no Python loop over the batch. For data parallelism use
-    ``bin_stats`` → all-reduce (sum) → ``apply_stats`` so every rank holds the same schedule.
+    ``add_stats`` (or ``bin_stats``) → all-reduce (sum) → ``apply_stats`` so every rank holds the
+    same schedule; with ``vdmpp.kernels`` installed these run the fused
+    ``vdmpp::adaptive_bin_stats`` / ``vdmpp::adaptive_apply_stats`` (bit-equal on CPU).
+
+    Density floor: a bin whose EMA is 0 (or rounds its share of the CDF to 0) keeps the
+    smallest normal float32 as its mass, so Σm > 0 always (an all-zero EMA is the uniform
+    schedule), and ``logsnr_pdf`` maps every t to a λ inside a bin of positive mass — the
+    quantile at t = 0 is the upper end of the support, not a flat tail — so p(λ(t)) > 0 for
+    every t ∈ [0, 1] and w(λ)/p(λ) stays finite.
     """
 
     ema: Tensor
@@ -61,8 +69,12 @@ class Adaptive(nn.Module):
     # --- state --------------------------------------------------------------------------------
     @staticmethod
     def cdf_from_ema(ema: Tensor) -> Tensor:
-        """Normalised cumulative mass [0, m₀, m₀+m₁, …, 1] of the bins (last entry exactly 1)."""
-        c = torch.cumsum(ema.clamp_min(0), 0)
+        """Normalised cumulative mass [0, m₀, m₀+m₁, …, 1] of the bins (last entry exactly 1).
+
+        m_k = max(ema_k, tiny) with tiny the smallest normal float: Σm > 0, so an EMA decayed to
+        0 in every bin gives the uniform schedule instead of 0/0.
+        """
+        c = torch.cumsum(ema.clamp_min(torch.finfo(ema.dtype).tiny), 0)
         c = torch.cat([c.new_zeros(1), c / c[-1:]])
         return torch.cat([c[:-1], c.new_ones(1)])
 
@@ -91,9 +103,38 @@ class Adaptive(nn.Module):
         stats[1].index_add_(0, k, ok.to(stats.dtype))
         return stats
 
+    def new_stats(self) -> Tensor:
+        """A zero [2, bins] accumulator for :meth:`add_stats` (on the buffers' device)."""
+        return self.ema.new_zeros(2, self.bins)
+
+    @torch.no_grad()
+    def add_stats(self, stats: Tensor, logsnr: Tensor, loss: Tensor) -> Tensor:
+        """``stats += bin_stats(logsnr, loss)`` in place (one micro-batch); returns ``stats``.
+
+        Runs the fused ``vdmpp::adaptive_bin_stats`` (one launch, no host sync, same result
+        bit for bit on CPU) when ``vdmpp.kernels`` can serve these tensors.
+        """
+        K = self._kernel()
+        if K is not None and logsnr.dim() == 1 and logsnr.shape == loss.shape:
+            lam = logsnr.detach().to(self.ema.dtype)
+            if K.can_use("adaptive_bin_stats", stats, lam):
+                value = self.weighting(lam) * loss.detach().to(self.ema.dtype)
+                if value.shape == lam.shape and K.can_use("adaptive_bin_stats", stats, lam, value):
+                    K.adaptive_bin_stats(stats, lam, value, self.logsnr_min, self.logsnr_max)
+                    return stats
+        stats += self.bin_stats(logsnr, loss)
+        return stats
+
     @torch.no_grad()
     def apply_stats(self, stats: Tensor) -> None:
-        """EMA step on the bins hit in ``stats`` (from :meth:`bin_stats`), then refresh the CDF."""
+        """EMA step on the bins hit in ``stats`` (from :meth:`bin_stats`), then refresh the CDF.
+
+        Runs the fused ``vdmpp::adaptive_apply_stats`` when ``vdmpp.kernels`` can serve it.
+        """
+        K = self._kernel()
+        if K is not None and K.can_use("adaptive_apply_stats", self.ema, self.cdf, stats):
+            K.adaptive_apply_stats(self.ema, self.cdf, stats, self.decay)
+            return
         sums, counts = stats[0], stats[1]
         hit = counts > 0
         mean = sums / counts.clamp_min(1)
@@ -140,7 +181,12 @@ class Adaptive(nn.Module):
         """(λ(t), p(λ(t))) with one bin search."""
         check_unit_interval(t)
         u = (1.0 - t.to(self.cdf.dtype)).clamp(0.0, 1.0)
-        k = (torch.searchsorted(self.cdf, u, right=True) - 1).clamp(0, self.bins - 1)
+        # The bin with cdf[k] <= u < cdf[k+1] has positive mass; u = 1 (t = 0) has no such bin,
+        # so take the first bin whose upper edge reaches 1 (the top of the support), never a
+        # zero-mass tail bin above it.
+        k_in = torch.searchsorted(self.cdf, u, right=True) - 1
+        k_top = torch.searchsorted(self.cdf, u, right=False) - 1
+        k = torch.where(u >= 1.0, k_top, k_in).clamp(0, self.bins - 1)
         mass = self._mass()[k]
         frac = ((u - self.cdf[k]) / mass.clamp_min(torch.finfo(mass.dtype).tiny)).clamp(0.0, 1.0)
         lam = self.logsnr_min + self.width * (k.to(u.dtype) + frac)
