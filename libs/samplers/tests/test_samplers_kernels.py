@@ -64,7 +64,7 @@ def _fake_kernels(can_use=True):
     calls = []
     mod = types.ModuleType("vdmpp.kernels")
 
-    def _can_use(op, x):
+    def _can_use(op, *ts):
         calls.append(("can_use", op))
         return can_use
 
