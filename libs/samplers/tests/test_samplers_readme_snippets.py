@@ -2,8 +2,9 @@
 
 Each block is executed on its own, in a fresh namespace, on the CPU. A block that imports a
 vdmpp library that is not installed here is skipped with the reason (each library's tests run in
-a venv with only that library and its dependencies); apps/eval/tests/test_readme_snippets.py
-runs the same blocks where every library is installed and refuses to skip.
+a venv with only that library and its dependencies);
+apps/eval/tests/test_eval_readme_snippets.py runs the same blocks where every library is
+installed and refuses to skip.
 """
 
 from __future__ import annotations
