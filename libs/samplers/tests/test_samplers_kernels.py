@@ -173,3 +173,141 @@ def test_real_kernels_match_reference(dtype, device):
         torch.testing.assert_close(
             K.heun_step(x, d1, dn, 2.0, 1.25), heun_step(x, d1, dn, 2.0, 1.25), **tol
         )
+
+
+# --- per-call dispatch: any denoiser output layout / dtype ------------------------------------
+def _as_kind(d, kind):
+    if kind == "channels_last":
+        return d.contiguous(memory_format=torch.channels_last)
+    if kind == "float16":
+        return d.half()
+    if kind == "float64":
+        return d.double()
+    if kind == "non_contiguous":  # same shape, transposed storage
+        return d.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return d
+
+
+KINDS = ["contiguous", "channels_last", "float16", "float64", "non_contiguous"]
+
+
+def _kind_denoiser(kind):
+    return lambda x, sigma: _as_kind(denoiser(x, sigma), kind)
+
+
+def _sample(name, D, noise, use_kernels):
+    kw = {"churn": 20.0, "s_noise": 1.003} if name == "edm_stochastic" else {}
+    sampler = {"heun": heun, "edm_stochastic": edm_stochastic}[name]
+    return sampler(
+        D, noise, karras_sigmas(7), generator=torch.Generator().manual_seed(5),
+        use_kernels=use_kernels, return_info=True, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(_real_kernels() is None, reason="vdmpp.kernels is not installed")
+@pytest.mark.parametrize("name", ["heun", "edm_stochastic"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_real_kernels_serve_any_denoiser_output(monkeypatch, name, kind):
+    """Kernels on: a channels_last / float16 / float64 / non-contiguous D(x) no longer makes
+    vdmpp::heun_step raise; the steps it cannot serve take the reference (same bits on CPU)."""
+    K = _real_kernels()
+    served = []
+    real = K.heun_step
+    monkeypatch.setattr(K, "heun_step", lambda *a: served.append(1) or real(*a))
+    noise = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(0))
+    D = _kind_denoiser(kind)
+    x_k, info_k = _sample(name, D, noise, True)
+    n_fused = len(served)
+    x_r, info_r = _sample(name, D, noise, False)
+    assert info_k.kernels and not info_r.kernels and len(served) == n_fused
+    assert torch.equal(x_k, x_r) and x_k.dtype == noise.dtype
+    # what qualifies is fused: a float32 D(x) in x's layout; the others take the reference
+    assert n_fused == (info_k.nfe if kind in ("contiguous",) else 0)
+
+
+@pytest.mark.skipif(_real_kernels() is None, reason="vdmpp.kernels is not installed")
+@pytest.mark.parametrize("name", ["heun", "edm_stochastic"])
+def test_real_kernels_channels_last_sample_qualifies_for_free(monkeypatch, name):
+    """A channels_last sample and a denoiser that keeps the layout: every step is fused (one
+    dense layout is one flat loop), and the result equals the reference's bit for bit."""
+    K = _real_kernels()
+    served = []
+    real = K.heun_step
+    monkeypatch.setattr(K, "heun_step", lambda *a: served.append(1) or real(*a))
+    noise = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(0))
+    noise = noise.contiguous(memory_format=torch.channels_last)
+    D = _kind_denoiser("channels_last")
+    x_k, info = _sample(name, D, noise, None)
+    assert len(served) == info.nfe and info.kernels
+    x_r, _ = _sample(name, D, noise, False)
+    assert torch.equal(x_k, x_r)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dispatch_asks_per_call_with_every_operand(monkeypatch, kind):
+    """The fake extension serves only float32 operands of one layout (as the real one): each
+    call is decided on its own tensors, the sample equals the reference run."""
+    calls = []
+    mod = types.ModuleType("vdmpp.kernels")
+
+    def can_use(op, *ts):
+        ts = [t for t in ts if t is not None]
+        calls.append(("can_use", op, len(ts)))
+        return all(t.dtype == torch.float32 and t.stride() == ts[0].stride() for t in ts)
+
+    def fused_heun(*a):
+        calls.append(("heun_step",))
+        return heun_step(*a)
+
+    mod.can_use, mod.churn, mod.heun_step = can_use, churn, fused_heun
+    monkeypatch.setitem(sys.modules, "vdmpp.kernels", mod)
+    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    x, info = heun(_kind_denoiser(kind), noise, karras_sigmas(5), return_info=True)
+    asked = [c for c in calls if c[:2] == ("can_use", "heun_step")]
+    assert asked[0][2] == 1  # once for the sample (use_kernels=None: auto) ...
+    asked = asked[1:]  # ... then once per step call (Euler: 2 operands, correction: 3)
+    assert len(asked) == info.nfe and sorted({c[2] for c in asked}) == [2, 3]
+    fused = calls.count(("heun_step",))
+    assert fused == (info.nfe if kind == "contiguous" else 0)
+    _step._reset_kernels_cache()
+    ref = heun(_kind_denoiser(kind), noise, karras_sigmas(5), use_kernels=False)
+    assert torch.equal(x, ref)
+
+
+# --- the reference correction reuses the Euler step's d and x_e -------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_reference_correction_reuses_euler_intermediate_bitwise(monkeypatch, dtype):
+    g = torch.Generator().manual_seed(7)
+    x, d1, d2 = (torch.randn(4, 33, generator=g).to(dtype) for _ in range(3))
+    full = []
+    monkeypatch.setattr(_step, "heun_step", lambda *a: full.append(1) or heun_step(*a))
+    _, step = _step._ops(False)
+    x_e = step(x, d1, None, 2.5, 1.5)
+    out = step(x, d1, d2, 2.5, 1.5)
+    assert not full  # the correction reused (d, x_e): no full re-derivation
+    assert torch.equal(x_e, heun_step(x, d1, None, 2.5, 1.5))
+    assert torch.equal(out, heun_step(x, d1, d2, 2.5, 1.5))
+    # x_e written in between (e.g. by a denoiser working in place): recomputed from x̂ and D₁
+    x_e2 = step(x, d1, None, 2.5, 1.5)
+    if x_e2.dtype == _step._compute_dtype(dtype):
+        x_e2.add_(1.0)
+    out2 = step(x, d1, d2, 2.5, 1.5)
+    assert torch.equal(out2, heun_step(x, d1, d2, 2.5, 1.5))
+    assert len(full) == (1 if x_e2.dtype == _step._compute_dtype(dtype) else 0)
+
+
+# --- the cheap finite check --------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_all_finite_equals_isfinite_all(dtype):
+    g = torch.Generator().manual_seed(8)
+    for trial in range(30):
+        t = torch.randn(5, 7, 3, generator=g).to(dtype)
+        if trial % 3:
+            i = int(torch.randint(t.numel(), (1,), generator=g))
+            t.view(-1)[i] = [float("nan"), float("inf"), -float("inf")][trial % 3]
+        assert _step.all_finite(t) == bool(torch.isfinite(t).all()), trial
+    big = torch.full((64,), torch.finfo(dtype).max, dtype=dtype)  # finite, but its sum overflows
+    assert _step.all_finite(big) and _step.all_finite(torch.cat([big, -big]))
+    both = torch.tensor([float("inf"), -float("inf")], dtype=dtype)  # inf − inf = NaN: caught
+    assert not _step.all_finite(both)
+    assert _step.all_finite(torch.empty(0, dtype=dtype))
