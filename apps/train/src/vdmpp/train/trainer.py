@@ -44,7 +44,7 @@ from .data import (
     stable_seed,
     write_shards,
 )
-from .export import write_export
+from .export import clean_stale, export_step, write_export
 from .objective import Objective, build_net, model_spec, schedule_meta
 
 __all__ = ["TrainingError", "train"]
@@ -284,6 +284,12 @@ class Trainer:
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.write_atomic_bytes(config_mod.dumps(cfg).encode(), self.out / "config.toml")
+            clean_stale(self.out / "export")
+            for p in self.out.glob(".config.toml.*.tmp"):
+                p.unlink(missing_ok=True)  # left by a killed run (rank 0 is the only writer)
+            if self.resumed_from is not None and export_step(self.out / "export") != self.step:
+                self.export()  # killed after its checkpoint, before (or while) exporting
+                self.log(f"export was missing or stale: rewritten for step {self.step}")
         self.train_model: nn.Module = self.model
         if d.on:
             ids = [d.local_rank] if d.device.type == "cuda" else None
