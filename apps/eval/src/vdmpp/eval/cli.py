@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,34 +28,82 @@ from .model import EvalError
 __all__ = ["main"]
 
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
+_PACKAGES = ("vdmpp-schedules", "vdmpp-losses", "vdmpp-samplers", "vdmpp-models",
+             "vdmpp-kernels", "vdmpp-train", "vdmpp-eval", "torch", "torch-fidelity")
+
+
 def _device(name: str) -> str:
+    """A validated, available device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``."""
     import torch
 
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        raise EvalError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N, mps or auto")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise EvalError(f"--device {name}: no CUDA device is available here; use --device "
+                            "cpu (or auto)")
+        n, idx = torch.cuda.device_count(), int(name.partition(":")[2] or 0)
+        if idx >= n:
+            raise EvalError(f"--device {name}: this machine has {n} CUDA device(s), "
+                            f"cuda:0 to cuda:{n - 1}")
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise EvalError("--device mps: Apple's MPS backend is not available here; use "
+                            "--device cpu (or auto)")
     return name
+
+
+def _versions() -> str:
+    """One line per vdmpp distribution and torch: ``name version`` (or ``not installed``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    lines = []
+    for dist in _PACKAGES:
+        try:
+            lines.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            lines.append(f"{dist} not installed")
+    return "\n".join(lines)
+
+
+class _Version(argparse.Action):
+    """``--version``: one line per package (argparse's own action would re-wrap them)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(_versions())
+        parser.exit()
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     from .sampling import SAMPLERS
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--sampler", default="heun", choices=SAMPLERS)
+    g.add_argument("--sampler", default="heun", choices=SAMPLERS, help="sampler (EDM Alg. 1/2, "
+                   "DDPM ancestral, DDIM, Euler)")
     g.add_argument("--steps", type=int, default=18, help="grid steps N (Heun: 2N-1 NFE)")
     g.add_argument("--churn", type=float, default=0.0, help="S_churn (edm sampler)")
-    g.add_argument("--s-tmin", type=float, default=0.0)
-    g.add_argument("--s-tmax", type=float, default=math.inf)
-    g.add_argument("--s-noise", type=float, default=1.0)
+    g.add_argument("--s-tmin", type=float, default=0.0, help="S_tmin (edm sampler)")
+    g.add_argument("--s-tmax", type=float, default=math.inf, help="S_tmax (edm sampler)")
+    g.add_argument("--s-noise", type=float, default=1.0, help="S_noise (edm sampler)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
     g.add_argument("--guidance", type=float, default=1.0, help="CFG scale w (1: off)")
-    g.add_argument("--sigma-min", type=float, default=0.002)
-    g.add_argument("--sigma-max", type=float, default=80.0)
-    g.add_argument("--rho", type=float, default=7.0)
+    g.add_argument("--sigma-min", type=float, default=0.002, help="smallest σ of the grid")
+    g.add_argument("--sigma-max", type=float, default=80.0, help="largest σ of the grid")
+    g.add_argument("--rho", type=float, default=7.0, help="ρ of EDM's σ grid (EDM eq. 5)")
     g.add_argument("--class", dest="class_label", type=int, default=None,
                    help="one class for every image (default: seed %% num_classes)")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    g.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: autocast the network")
     g.add_argument("--batch", type=int, default=64, help="images per sampler call")
-    g.add_argument("--device", default="auto")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _spec(a: argparse.Namespace):
@@ -110,42 +159,59 @@ def cmd_sample(a: argparse.Namespace) -> dict[str, Any]:
     return result if rank == 0 else {}
 
 
-def _images_to_score(a: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict | None]:
-    """(images, labels, model meta or None): a sample dir/.npz, or a checkpoint sampled now."""
-    from .data import load_images
-    from .model import load_model
-
-    src = Path(a.source)
-    is_samples = (src.is_dir() and ((src / "samples.npz").is_file() or (src / "chunks").is_dir())
-                  ) or src.suffix == ".npz"
-    if is_samples:
-        images, labels = load_images(src)
-        return images, labels, None
-    from .sampling import generate, parse_seeds
-
-    model, meta = load_model(src, _device(a.device))
-    seeds = parse_seeds(a.seeds) if a.seeds else list(range(a.num))
-    images, labels, _ = generate(model, meta, seeds, _spec(a), device=_device(a.device),
-                                 batch_size=a.batch)
-    return images, (labels if labels is not None else np.full(len(seeds), -1)), meta
+_METRICS = ("fid", "isc", "kid", "prc")
 
 
 def cmd_metrics(a: argparse.Namespace) -> dict[str, Any]:
+    """Everything that can fail is checked before any image is drawn: the metric names, the
+    Inception weights, the checkpoint, the reference set and that its resolution matches."""
     import torch
 
     from . import metrics as M
     from .data import load_images
+    from .model import load_model
+    from .sampling import generate, parse_seeds
 
-    images, labels, meta = _images_to_score(a)
-    res = int(meta["resolution"]) if meta else images.shape[1]
-    ref, _ = load_images(a.ref, resolution=res)
-    if ref.shape[1:] != images.shape[1:] and not a.ref.startswith("digits"):
-        print(f"note: samples are {images.shape[1:]}, reference {ref.shape[1:]} (H, W, C)",
-              file=sys.stderr)
-    cuda = torch.cuda.is_available() and _device(a.device).startswith("cuda")
-    out: dict[str, Any] = {"samples": len(images), "reference": len(ref), "ref": a.ref}
     wanted = tuple(m for m in a.metrics.split(",") if m)
+    bad = [m for m in wanted if m not in _METRICS]
+    if bad or not wanted:
+        raise EvalError(f"--metrics {a.metrics!r}: use a comma-separated subset of "
+                        f"{','.join(_METRICS)}")
     digits_ref = a.ref == "digits" or a.ref.startswith("digits:")
+    weights = M.inception_weights(a.inception_weights, required=not digits_ref)
+    src = Path(a.source)
+    is_samples = (src.is_dir() and ((src / "samples.npz").is_file() or (src / "chunks").is_dir())
+                  ) or src.suffix == ".npz"
+    model = meta = images = labels = seeds = None
+    if is_samples:
+        images, labels = load_images(src)
+        shape = tuple(images.shape[1:])
+    else:
+        model, meta = load_model(src, a.device)
+        seeds = parse_seeds(a.seeds) if a.seeds else list(range(a.num))
+        _spec(a).validate(meta)
+        r = int(meta["resolution"])
+        shape = (r, r, int(meta["channels"]))
+    ref, _ = load_images(a.ref, resolution=shape[0])
+    if tuple(ref.shape[1:]) != shape and not digits_ref:
+        raise EvalError(f"--ref {a.ref} holds {ref.shape[1]}×{ref.shape[2]}×{ref.shape[3]} "
+                        f"images but the samples are {shape[0]}×{shape[1]}×{shape[2]} (H×W×C); "
+                        f"use a reference at the samples' resolution (vdmpp-train shards SRC "
+                        f"OUT --resolution {shape[0]})")
+    if images is None:  # sample now, every check passed
+        bar = None
+        if not a.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(seeds), unit="img", desc="sample", dynamic_ncols=True)
+        images, labels, _ = generate(model, meta, seeds, _spec(a), device=a.device,
+                                     batch_size=a.batch, progress=bar.update if bar else None)
+        if bar is not None:
+            bar.close()
+        if labels is None:
+            labels = np.full(len(seeds), -1)
+    cuda = torch.cuda.is_available() and a.device.startswith("cuda")
+    out: dict[str, Any] = {"samples": len(images), "reference": len(ref), "ref": a.ref}
     if digits_ref:
         from . import digits
 
@@ -162,10 +228,6 @@ def cmd_metrics(a: argparse.Namespace) -> dict[str, Any]:
             pred = digits.predict(images)
             has = labels >= 0
             out["digits"]["class_accuracy"] = float((pred[has] == labels[has]).mean())
-    try:
-        weights = M.inception_weights(a.inception_weights, required=not digits_ref)
-    except EvalError:
-        raise
     if weights is None:
         out["inception"] = ("skipped: no Inception weights (pass --inception-weights PATH or set "
                             f"VDMPP_INCEPTION_WEIGHTS; download {M.INCEPTION_URL})")
@@ -194,51 +256,64 @@ def cmd_plot(a: argparse.Namespace) -> dict[str, Any]:
     from .plot import plot_run, plot_schedules, plot_weightings
 
     out = Path(a.out)
-    files = [plot_schedules(out / "schedules.png"), plot_weightings(out / "weightings.png")]
+    jobs = [(plot_schedules, out / "schedules.png"), (plot_weightings, out / "weightings.png")]
     if a.run:
-        files.append(plot_run(a.run, out / "run.png"))
-    return {"files": [str(f) for f in files]}
+        run = a.run
+        jobs.append((lambda path: plot_run(run, path), out / "run.png"))
+    if not a.no_progress:
+        from tqdm import tqdm
+
+        jobs = tqdm(jobs, unit="plot", desc="plot", dynamic_ncols=True)
+    return {"files": [str(fn(path)) for fn, path in jobs]}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vdmpp-eval", description=__doc__.split("\n")[0])
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="vdmpp-eval", description=__doc__.split("\n")[0],
+                                formatter_class=fmt)
+    p.add_argument("--version", action=_Version, help="versions of every vdmpp package and torch")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("sample", help="draw images for a list of seeds (resumable, sharded)")
+    s = sub.add_parser("sample", help="draw images for a list of seeds (resumable, sharded)",
+                       formatter_class=fmt)
     s.add_argument("checkpoint", help="run dir, RUN/export or RUN/export/ema.safetensors")
     s.add_argument("--seeds", required=True, help="e.g. 0-49999 or 0,5,10-19")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="output directory (chunks/, samples.npz)")
     s.add_argument("--chunk", type=int, default=500, help="seeds per resumable chunk file")
     s.add_argument("--grid", type=int, default=64, help="images in grid.png (0: none)")
-    s.add_argument("--no-progress", action="store_true")
     _add_sampling_args(s)
 
-    m = sub.add_parser("metrics", help="FID/IS/KID/PR (and the digits FD/accuracy)")
+    m = sub.add_parser("metrics", help="FID/IS/KID/PR (and the digits FD/accuracy)",
+                       formatter_class=fmt)
     m.add_argument("source", help="a `sample` output dir, an .npz, or a checkpoint to sample")
     m.add_argument("--ref", required=True,
                    help="digits[:train|:test|:all], shards dir/pattern, .npz or sample dir")
     m.add_argument("--inception-weights", default=None,
-                   help="local Inception file (default: $VDMPP_INCEPTION_WEIGHTS)")
-    m.add_argument("--metrics", default="fid,isc,kid,prc")
-    m.add_argument("--kid-subsets", type=int, default=100)
+                   help="local Inception file; None: $VDMPP_INCEPTION_WEIGHTS, then torch hub's "
+                   "cache")
+    m.add_argument("--metrics", default="fid,isc,kid,prc",
+                   help="comma-separated subset of fid,isc,kid,prc (Inception)")
+    m.add_argument("--kid-subsets", type=int, default=100, help="KID subsets")
     m.add_argument("--num", type=int, default=1000, help="images to sample from a checkpoint")
     m.add_argument("--seeds", default=None, help="seeds to sample (overrides --num)")
     _add_sampling_args(m)
 
-    b = sub.add_parser("bpd", help="VDM bound in bits/dim on held-out data")
-    b.add_argument("checkpoint")
+    b = sub.add_parser("bpd", help="VDM bound in bits/dim on held-out data", formatter_class=fmt)
+    b.add_argument("checkpoint", help="run dir, RUN/export or RUN/export/ema.safetensors")
     b.add_argument("--data", required=True, help="digits[:test|:train|:all], shards or .npz")
     b.add_argument("--draws", type=int, default=1, help="MC draws of (t, ε) per image")
     b.add_argument("--discrete-steps", type=int, default=None, help="T of the discrete bound")
     b.add_argument("--limit", type=int, default=0, help="use only the first N images")
-    b.add_argument("--batch", type=int, default=256)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--device", default="auto")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--batch", type=int, default=256, help="images per forward pass")
+    b.add_argument("--seed", type=int, default=0, help="seed of the (t, ε) draws")
+    b.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    q = sub.add_parser("plot", help="schedules p(λ), weightings w(λ), a run's adaptive density")
+    q = sub.add_parser("plot", help="schedules p(λ), weightings w(λ), a run's adaptive density",
+                       formatter_class=fmt)
     q.add_argument("--out", required=True, help="directory for the PNG files")
     q.add_argument("--run", default=None, help="a vdmpp-train run directory")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -248,9 +323,12 @@ _COMMANDS = {"sample": cmd_sample, "metrics": cmd_metrics, "bpd": cmd_bpd, "plot
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        if hasattr(a, "device"):  # checked before any work
+            a.device = _device(a.device)
         result = _COMMANDS[a.command](a)
     except EvalError as e:
-        print(f"vdmpp-eval {a.command}: error: {e}", file=sys.stderr)
+        msg = re.sub(r"\s*\n\s*", " ", str(e).strip())  # one line, always
+        print(f"vdmpp-eval {a.command}: error: {msg}", file=sys.stderr)
         return 2
     if result:
         print(json.dumps(result, indent=2))
