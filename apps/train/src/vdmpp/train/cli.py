@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["main"]
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingError as e:
             print(f"vdmpp-train: {e}", file=sys.stderr)
             return EXIT_TRAINING
-        print(json.dumps(result))
+        if os.environ.get("RANK", "0") == "0":  # one result line per run, not per rank
+            print(json.dumps(result))
         return 0
     except ConfigError as e:
         print(f"vdmpp-train: error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -739,9 +740,31 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     """Train ``cfg`` (validated first); return {"status", "step", "out", "nonfinite"}."""
     cfg.validate()
     trainer = Trainer(cfg, resume=resume)
+    d = trainer.d
+    ok = False
     try:
-        return trainer.run()
+        result = trainer.run()
+        ok = True
+        return result
     finally:
         trainer.close()
-        if trainer.d.on and dist.is_initialized():
-            dist.destroy_process_group()
+        if d.on and dist.is_initialized():
+            _teardown(trainer, barrier=ok)
+
+
+def _teardown(trainer: Trainer, *, barrier: bool) -> None:
+    """Leave the process group cleanly (a gloo run used to exit 1 now and then at teardown).
+
+    The DDP wrapper's reducer holds the process group: if it outlives
+    ``destroy_process_group`` the group's C++ threads are torn down during interpreter exit
+    ("terminate called without an active exception"). So drop the models first, meet the other
+    ranks (only after a successful run: after an error they may be gone), then destroy.
+    """
+    trainer.train_model = trainer.model = trainer.ema = None  # type: ignore[assignment]
+    trainer.opt = None  # type: ignore[assignment]
+    gc.collect()
+    if barrier:
+        with contextlib.suppress(Exception):
+            dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
