@@ -1,4 +1,4 @@
-"""Parameterization conversions (seed 000 App. E.2, D.2, D.3; seed 003 Table 1): round trips,
+"""Parameterization conversions (VDM++ App. E.2, D.2, D.3; EDM Table 1): round trips,
 independent formulas for every target, and the ε-error relations eq. 122–126."""
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ def _target_ref(name, x, eps, lam, process):
         return eps
     if name == "x":
         return x
-    if name == "v":  # seed 000 eq. 49
+    if name == "v":  # VDM++ eq. 49
         return a * eps - s * x
     if name == "score":  # eq. 117: ∇ log q(z|x) = −(z − αx)/σ²
         z = a * x + s * eps
         return -(z - a * x) / s**2
     if name == "flow":  # eq. 72
         return x - eps
-    # EDM (seed 003 Table 1) in VE units: x = c_skip·z_ve + c_out·F
+    # EDM (Table 1) in VE units: x = c_skip·z_ve + c_out·F
     sig = torch.exp(-lam.double() / 2)[:, None]
     z_ve = x + sig * eps
     c_skip = SD**2 / (sig**2 + SD**2)
@@ -104,7 +104,7 @@ def test_to_eps_and_to_x_helpers():
 
 
 def _sq_ref(name, lam, process):
-    """‖ε − ε̂‖² / ‖y − ŷ‖² from seed 000 eq. 122–126 and eq. 78."""
+    """‖ε − ε̂‖² / ‖y − ŷ‖² from VDM++ eq. 122–126 and eq. 78."""
     lam = lam.double()
     a2 = torch.sigmoid(lam) if process == "vp" else torch.ones_like(lam)
     if name == "eps":

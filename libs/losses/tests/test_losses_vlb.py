@@ -1,4 +1,4 @@
-"""VDM's bound (seed 004 App. E, seed 002 Sec. 3–4): terms vs closed forms, toy models with known
+"""VDM's bound (VDM App. E, VDM Sec. 3–4): terms vs closed forms, toy models with known
 answers, discrete ≥ continuous and decreasing in T, bits_per_dim, bad input."""
 
 from __future__ import annotations

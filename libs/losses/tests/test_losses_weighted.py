@@ -1,4 +1,4 @@
-"""WeightedLoss (seed 000 eq. 7): equivalences with the published losses (App. D), invariance to
+"""WeightedLoss (VDM++ eq. 7): equivalences with the published losses (App. D), invariance to
 the schedule (Sec. 3.2), every vdmpp schedule, and bad input.
 
 Expectations over t are computed by composite Gauss–Legendre quadrature in t (panels graded
@@ -55,7 +55,7 @@ def alpha_sigma(lam, process):
         return torch.sqrt(torch.sigmoid(lam)), torch.sqrt(torch.sigmoid(-lam))
     if process == "ve":
         return torch.ones_like(lam), torch.exp(-lam / 2)
-    if process == "fm":  # z = (1 − t)x + tε with t = sigmoid(−λ/2) (seed 000 eq. 62, 66)
+    if process == "fm":  # z = (1 − t)x + tε with t = sigmoid(−λ/2) (VDM++ eq. 62, 66)
         return torch.sigmoid(lam / 2), torch.sigmoid(-lam / 2)
     raise AssertionError(process)
 
@@ -70,12 +70,12 @@ def predict(core, z, lam, param, process):
     if param == "eps":
         return eh
     if param == "v":
-        return a * eh - s * xh  # seed 000 eq. 50
+        return a * eh - s * xh  # VDM++ eq. 50
     if param == "score":
         return -eh / s  # eq. 109
     if param == "flow":
         return xh - eh  # eq. 72
-    if param == "edm":  # seed 003 Table 1: D = c_skip·(z/α) + c_out·F
+    if param == "edm":  # EDM Table 1: D = c_skip·(z/α) + c_out·F
         sig = torch.exp(-lam / 2)[:, None]
         c_skip, c_out = SD**2 / (sig**2 + SD**2), sig * SD / torch.sqrt(sig**2 + SD**2)
         return (xh - c_skip * z / a) / c_out
@@ -145,9 +145,9 @@ def sq(v):
     return v.square().sum(1)
 
 
-# --- equivalences (seed 000 App. D) -----------------------------------------------------
+# --- equivalences (VDM++ App. D) -----------------------------------------------------
 def test_edm_loss_equals_weighted_loss_with_edm_weighting():
-    """Seed 003's loss E_{ln σ∼N(−1.2,1.2²)}[(σ²+σ_d²)/(σσ_d)²·‖D(y+σn;σ) − y‖²] = 2·L_w(EDM)."""
+    """EDM's loss E_{ln σ∼N(−1.2,1.2²)}[(σ²+σ_d²)/(σσ_d)²·‖D(y+σn;σ) − y‖²] = 2·L_w(EDM)."""
     core, (x, eps) = Core(), pairs()
     xi, wi = np.polynomial.hermite_e.hermegauss(80)
     ln_sigma = torch.tensor(-1.2 + 1.2 * xi, dtype=DT)

@@ -1,4 +1,4 @@
-"""Weightings vs independent formulas (seed 000 Table 1, App. D, I); monotonicity; float32."""
+"""Weightings vs independent formulas (VDM++ Table 1, App. D, I); monotonicity; float32."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ GRID = np.linspace(-30.0, 30.0, 6001)
 
 
 def edm_ref(lam, p_mean=-1.2, p_std=1.2, sd=0.5):
-    """EDM's loss written in σ (seed 003): density of λ times λ(σ)·σ², with σ² = e^{−λ}."""
+    """EDM's loss written in σ (EDM): density of λ times λ(σ)·σ², with σ² = e^{−λ}."""
     sigma2 = np.exp(-lam)
     p_lam = stats.norm.pdf(lam, loc=-2 * p_mean, scale=2 * p_std)
     loss_weight = (sigma2 + sd**2) / (sigma2 * sd**2)

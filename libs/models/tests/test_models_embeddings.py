@@ -1,4 +1,4 @@
-"""Fourier-feature inputs (seed 004 App. C) and the λ embedding."""
+"""Fourier-feature inputs (VDM App. C) and the λ embedding."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EDM preconditioning (seed 003 Table 1) and the eps/v/x heads of `Preconditioned`."""
+"""EDM preconditioning (EDM Table 1) and the eps/v/x heads of `Preconditioned`."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def test_zero_net_denoiser_returns_c_skip_x_in_logsnr_units():
     lam = torch.linspace(-12, 12, 7, dtype=torch.float64)
     x_edm = torch.randn(7, 3, 4, 4, dtype=torch.float64)
     alpha, _ = vp_alpha_sigma(lam)
-    z_vp = b4(alpha) * x_edm  # the same noisy point in VP units (seed 003 eq. 4, s = α)
+    z_vp = b4(alpha) * x_edm  # the same noisy point in VP units (EDM eq. 4, s = α)
     model = Preconditioned(ZeroNet(), "edm", sigma_data=0.5)
     c_skip = 0.25 / (torch.exp(-lam) + 0.25)  # σ_d²/(σ² + σ_d²), σ² = e^{−λ}
     torch.testing.assert_close(model.denoise(z_vp, lam), b4(c_skip) * x_edm, rtol=1e-12, atol=0)
@@ -143,7 +143,7 @@ def test_denoise_recovers_x_from_the_exact_prediction(param, process):
     z = alpha * x + sigma * eps
     if param == "edm":
         c_skip, c_out, _, _ = edm_coefficients(torch.exp(-lam / 2), 0.5)
-        target = (x - b4(c_skip) * z / alpha) / b4(c_out)  # seed 003 eq. 8
+        target = (x - b4(c_skip) * z / alpha) / b4(c_out)  # EDM eq. 8
     else:
         target = {"eps": eps, "x": x, "v": alpha * eps - sigma * x}[param]
     model = Preconditioned(RecordingNet(target), param, process=process)

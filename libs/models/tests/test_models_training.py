@@ -44,7 +44,7 @@ def test_tiny_overfits_a_batch_of_digits(parameterization):
     def loss_fn() -> torch.Tensor:
         if parameterization == "eps":
             return (model(z, logsnr, labels) - eps).square().mean()
-        # EDM: x-error weighted by 1/c_out² (seed 003 eq. 8), i.e. the F-error
+        # EDM: x-error weighted by 1/c_out² (EDM eq. 8), i.e. the F-error
         c_out = 0.5 * torch.exp(-logsnr / 2) / torch.sqrt(torch.exp(-logsnr) + 0.25)
         err = (model.denoise(z, logsnr, labels) - x) / c_out[:, None, None, None]
         return err.square().mean()

@@ -1,4 +1,4 @@
-"""Closed-form schedules (seed 000 Table 4, seed 003 Table 1): λ, t and p must agree."""
+"""Closed-form schedules (VDM++ Table 4, EDM Table 1): λ, t and p must agree."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_table4_closed_forms_untruncated():
     assert torch.allclose(lin.pdf(lam), torch.full_like(lam, 1 / 18))
     v = LinearVP()
     tt = torch.tensor([1e-3, 0.2, 1.0], dtype=torch.float64)
-    sigma_vp = torch.sqrt(torch.exp(0.5 * 19.9 * tt**2 + 0.1 * tt) - 1)  # seed 003 Table 1
+    sigma_vp = torch.sqrt(torch.exp(0.5 * 19.9 * tt**2 + 0.1 * tt) - 1)  # EDM Table 1
     assert torch.allclose(v._logsnr(tt, 1 - tt), -2 * torch.log(sigma_vp))
 
 

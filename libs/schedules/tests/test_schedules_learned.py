@@ -1,4 +1,4 @@
-"""VDM's learned monotone schedule (seed 004 App. H, eq. 59) and its variance gradient (I.2)."""
+"""VDM's learned monotone schedule (VDM App. H, eq. 59) and its variance gradient (I.2)."""
 
 from __future__ import annotations
 
@@ -97,3 +97,14 @@ def test_float32_finite():
     with torch.no_grad():
         lam, p = s.logsnr_pdf(torch.tensor([0.0, 0.5, 1.0]))
     assert torch.isfinite(lam).all() and torch.isfinite(p).all() and torch.all(p > 0)
+
+
+def test_normalisation_constants_live_on_the_module_not_the_host():
+    """t ∈ {0, 1} of the normalisation is a non-persistent buffer: it follows .to() (no
+    host→device copy per call) and checkpoints keep their keys."""
+    s = Learned(hidden=8)
+    assert "_t01" not in s.state_dict() and s._t01.tolist() == [0.0, 1.0]
+    d = s.double()
+    assert d._t01.dtype == torch.float64
+    lam, p = d.logsnr_pdf(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert lam.tolist() == pytest.approx([13.3, -5.0]) and bool((p > 0).all())

@@ -33,7 +33,7 @@ def test_ve_and_edm_sigma():
     assert torch.all(alpha == 1)
     assert torch.allclose(sigma, torch.exp(-lam / 2))
     assert torch.allclose(logsnr_from_sigma(sigma_from_logsnr(lam)), lam)
-    # VP and VE share λ: σ_VE = σ_VP/α_VP (seed 003 eq. 4 scaling).
+    # VP and VE share λ: σ_VE = σ_VP/α_VP (EDM eq. 4 scaling).
     a, s = vp(lam)
     assert torch.allclose(s / a, sigma)
 
@@ -98,7 +98,7 @@ def test_uniform_and_generators_reproducible():
 
 
 def test_edm_coefficients_logsnr_match_table1():
-    """Seed 003 Table 1 written in σ, evaluated at σ = e^{−λ/2}; finite in float32 at |λ| = 30."""
+    """EDM Table 1 written in σ, evaluated at σ = e^{−λ/2}; finite in float32 at |λ| = 30."""
     from vdmpp.schedules import edm_coefficients_logsnr
 
     lam = torch.linspace(-12, 12, 49, dtype=torch.float64)

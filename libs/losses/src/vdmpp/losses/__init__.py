@@ -1,8 +1,8 @@
 """vdmpp-losses: every diffusion objective as a weighted ELBO over log-SNR (VDM++), and VDM's bound.
 
-* :mod:`~vdmpp.losses.weightings`: w(λ) for each row of seed 000 Table 1 plus VDM++'s own.
+* :mod:`~vdmpp.losses.weightings`: w(λ) for each row of VDM++ Table 1 plus VDM++'s own.
 * :mod:`~vdmpp.losses.parameterizations`: eps / x / v / score / edm / flow conversions.
-* :class:`WeightedLoss`: the estimator ½·w(λ)/p(λ)·‖ε − ε̂‖² of seed 000 eq. 7.
+* :class:`WeightedLoss`: the estimator ½·w(λ)/p(λ)·‖ε − ε̂‖² of VDM++ eq. 7.
 * :mod:`~vdmpp.losses.vlb`: VDM's prior, reconstruction and diffusion terms; :func:`bits_per_dim`
   (also for a timestep-conditioned model on a DDPM ᾱ table: :func:`bits_per_dim_discrete`).
 """

@@ -1,4 +1,4 @@
-"""Network-output parameterizations and exact conversions (seed 000 App. E.2, D.2, D.3).
+"""Network-output parameterizations and exact conversions (VDM++ App. E.2, D.2, D.3).
 
 Given z = αx + σε at log-SNR λ (α, σ of the ``process``: "vp" or "ve", from
 ``vdmpp.schedules.vp`` / ``ve``), every parameterization is a linear target y = A·x + B·ε:
@@ -14,9 +14,9 @@ name      target                                 (A, B)
 ``edm``   F, x = c_skip·z/α + c_out·F            (e^{−λ/2}/(σ_d r), −σ_d/r), r = √(e^{−λ}+σ_d²)
 ========  =====================================  =========================================
 
-``edm`` is EDM's F (seed 003 Table 1) applied to the input in EDM's units z/α = x + e^{−λ/2}ε:
+``edm`` is EDM's F (EDM Table 1) applied to the input in EDM's units z/α = x + e^{−λ/2}ε:
 c_skip = σ_d²/(e^{−λ} + σ_d²), c_out = e^{−λ/2}σ_d/r, so F = (e^{−λ/2}x/σ_d − σ_d ε)/r. For VE this
-is seed 000 eq. 118; eq. 119 generalises it with c_skip·α·z, which agrees only for α = 1 — we keep
+is VDM++ eq. 118; eq. 119 generalises it with c_skip·α·z, which agrees only for α = 1 — we keep
 EDM's own definition (the input rescaled to VE units) so an EDM network means the same thing under
 both processes. Its error relation ‖ε − ε̂‖² = (e^{−λ}/σ_d² + 1)^{−1}‖F − F̂‖² (eq. 126) holds either
 way.

@@ -1,4 +1,4 @@
-"""VDM's variational bound in bits per dimension (seed 004 App. E, J; seed 002 Sec. 2.5–4).
+"""VDM's variational bound in bits per dimension (VDM App. E, J; VDM Sec. 2.5–4).
 
 −log p(x) ≤ VLB(x) = D_KL(q(z₁|x) ‖ p(z₁))  [prior, at λ_min]
                    + E_{q(z₀|x)}[−log p(x|z₀)]  [reconstruction, at λ_max]
@@ -8,13 +8,13 @@ All terms are per example, in nats, with ‖·‖² summed over dimensions; :fun
 divides by D·ln 2. The data are n-bit values on the grid v_k = −1 + 2k/(2ⁿ − 1), k = 0 … 2ⁿ − 1
 (8-bit images mapped by x = u/127.5 − 1).
 
-* Continuous time (T → ∞, seed 004 eq. 53–54): L_∞ = ½∫_{λ_min}^{λ_max} E_ε‖ε − ε̂‖² dλ, the
+* Continuous time (T → ∞, VDM eq. 53–54): L_∞ = ½∫_{λ_min}^{λ_max} E_ε‖ε − ε̂‖² dλ, the
   weighted loss with w = 1, estimated with the schedule as importance distribution.
-* Discrete time with T steps (seed 004 eq. 48–51): with s = (i − 1)/T, t = i/T,
+* Discrete time with T steps (VDM eq. 48–51): with s = (i − 1)/T, t = i/T,
   L_T = ½ Σ_i (SNR(s) − SNR(t))‖x − x̂(z_t)‖² = ½ Σ_i expm1(λ_s − λ_t)‖ε − ε̂(z_t)‖² (since
   ‖x − x̂‖² = e^{−λ_t}‖ε − ε̂‖²), estimated as T/2·expm1(λ_s − λ_t)‖ε − ε̂‖² at one random i.
   For a model whose error decreases with λ it is an upper Riemann sum of L_∞, so L_T ≥ L_∞ and
-  L_{2T} ≤ L_T (seed 002 Sec. 3, seed 004 App. F).
+  L_{2T} ≤ L_T (VDM Sec. 3, VDM App. F).
 * A timestep-conditioned model on a DDPM table ᾱ_0 … ᾱ_{T−1} (:func:`bits_per_dim_discrete`): the
   same bound with the table's own T latents, λ_i = log(ᾱ_i/(1 − ᾱ_i)): prior at λ_{T−1},
   reconstruction at λ_0 and the T − 1 transitions between consecutive entries (VDM eq. 48–51).
@@ -77,7 +77,7 @@ def prior_kl(x: Tensor, logsnr_min: Tensor | float, *, process: str = "vp") -> T
 
     VP: p(z₁) = N(0, I), q = N(α₁x, σ₁²I): ½Σ(α₁²x² + σ₁² − 1 − log σ₁²) = ½Σ(α₁²(x² − 1) +
     softplus(λ_min)), using 1 − σ² = α² and −log σ² = softplus(λ) (no cancellation).
-    VE: p(z₁) = N(0, e^{−λ_min}I) (seed 000 eq. 107), q = N(x, e^{−λ_min}I): ½e^{λ_min}Σx².
+    VE: p(z₁) = N(0, e^{−λ_min}I) (VDM++ eq. 107), q = N(x, e^{−λ_min}I): ½e^{λ_min}Σx².
     """
     P.check_process(process)
     lam = _lam_like(logsnr_min, x)
@@ -116,7 +116,7 @@ def reconstruction_loss(
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """E_{q(z₀|x)}[−log p(x|z₀)] per example (nats), one draw of z₀ (seed 002 Sec. 2.3).
+    """E_{q(z₀|x)}[−log p(x|z₀)] per example (nats), one draw of z₀ (VDM Sec. 2.3).
 
     The decoder factorises over dimensions and inverts q with a uniform prior over the 2ⁿ values
     (VDM's discretized Gaussian): p(x_i|z₀) = N(z̃_i; v_{x_i}, s²)/Σ_k N(z̃_i; v_k, s²), where
@@ -167,7 +167,7 @@ def diffusion_loss(
 ) -> Tensor:
     """Continuous-time diffusion loss L_∞ per example (nats): ½·‖ε − ε̂‖²/p(λ) at one t.
 
-    The weighted loss with w = 1 (seed 004 eq. 53–54, seed 000 eq. 4); unbiased for
+    The weighted loss with w = 1 (VDM eq. 53–54, VDM++ eq. 4); unbiased for
     ½∫_{λ_min}^{λ_max}E‖ε − ε̂‖²dλ whatever the schedule's shape (only its endpoints matter).
     """
     loss = WeightedLoss(schedule, ELBO(), parameterization, process, sigma_data=sigma_data)
@@ -188,7 +188,7 @@ def diffusion_loss_discrete(
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Discrete-time diffusion loss L_T per example (nats), T = ``steps`` (seed 004 eq. 51).
+    """Discrete-time diffusion loss L_T per example (nats), T = ``steps`` (VDM eq. 51).
 
     i = ⌊tT⌋ + 1 for t ∼ U[0, 1) (low-discrepancy across the batch unless ``t`` is given),
     s = (i − 1)/T, t_i = i/T and the estimate T/2·expm1(λ_s − λ_t)·‖ε − ε̂(z_{t_i}; λ_t)‖².

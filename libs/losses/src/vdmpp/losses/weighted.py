@@ -1,4 +1,4 @@
-"""The weighted loss: VDM++'s Monte-Carlo estimator of eq. 7 (seed 000 Sec. 3.1–3.2)."""
+"""The weighted loss: VDM++'s Monte-Carlo estimator of eq. 7 (VDM++ Sec. 3.1–3.2)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 class WeightedLoss:
-    """L_w(x) = ½ E_{t∼U, ε}[w(λ)/p(λ)·‖ε − ε̂(z_λ; λ)‖²] with λ = f_λ(t) (seed 000 eq. 7).
+    """L_w(x) = ½ E_{t∼U, ε}[w(λ)/p(λ)·‖ε − ε̂(z_λ; λ)‖²] with λ = f_λ(t) (VDM++ eq. 7).
 
     ``schedule``: any ``vdmpp.schedules`` schedule (the importance distribution p(λ); only
     its endpoints change the expected loss, Sec. 3.2). ``weighting``: a
@@ -109,7 +109,7 @@ class WeightedLoss:
         if adaptive_w is not None and hasattr(schedule, "update") and adaptive_w != weighting:
             warnings.warn(
                 f"the adaptive schedule tracks weighting {adaptive_w!r} but the loss uses "
-                f"{weighting!r}; p(λ) will not follow this loss (seed 000 eq. 136)",
+                f"{weighting!r}; p(λ) will not follow this loss (VDM++ eq. 136)",
                 stacklevel=2,
             )
 

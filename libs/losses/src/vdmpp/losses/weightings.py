@@ -1,12 +1,12 @@
-"""Weighting functions w(λ) of the weighted loss (seed 000 eq. 5–7, Table 1, Sec. 5.1, App. D, I).
+"""Weighting functions w(λ) of the weighted loss (VDM++ eq. 5–7, Table 1, Sec. 5.1, App. D, I).
 
 Every diffusion objective in the literature is L_w(x) = ½ ∫ w(λ) E_ε‖ε − ε̂(z_λ; λ)‖² dλ for some
-w (seed 000 eq. 6); each class below is one such w, derived again from App. D because the PDF
+w (VDM++ eq. 6); each class below is one such w, derived again from App. D because the PDF
 extraction of Table 1 carries typos (derivations in the class docstrings). Weightings are
 defined up to a positive constant (it only rescales the loss); the constants chosen are noted.
 
 * ``monotonic``: w is non-increasing in λ, which makes L_w the ELBO of Gaussian-noise-augmented
-  data (seed 000 Sec. 4).
+  data (VDM++ Sec. 4).
 * ``shift`` s (App. D.2.1): w_s(λ) = w(λ − 2s). This is the same convention as
   ``vdmpp.schedules.Cosine(shift=s)`` (λ_s(t) = λ(t) + 2s, s = log(64/d)), so
   ``IDDPM(shift=s)`` is exactly ∝ the shifted cosine density; ``for_resolution(d)`` sets
@@ -69,7 +69,7 @@ def _log_normal_pdf(x: Tensor, mean: float, std: float) -> Tensor:
 
 
 class Weighting:
-    """A weighting function λ ↦ w(λ) ≥ 0 (seed 000 eq. 5–7); subclasses give ``_log_weight``.
+    """A weighting function λ ↦ w(λ) ≥ 0 (VDM++ eq. 5–7); subclasses give ``_log_weight``.
 
     ``w(logsnr)`` returns w in the input's dtype (half precision is computed in float32);
     ``log_weight(logsnr)`` returns log w. ``monotonic`` says whether w is non-increasing in λ;
@@ -98,7 +98,7 @@ class Weighting:
     # --- public -------------------------------------------------------------------------------
     @classmethod
     def for_resolution(cls, d: int, base: int = 64, **kwargs: float) -> Weighting:
-        """The weighting shifted for resolution d: s = log(base/d) (seed 000 App. D.2.1)."""
+        """The weighting shifted for resolution d: s = log(base/d) (VDM++ App. D.2.1)."""
         if d <= 0 or base <= 0:
             raise ValueError(f"resolution and base must be positive, got d={d}, base={base}")
         return cls(shift=math.log(base / d), **kwargs)
@@ -144,7 +144,7 @@ class Weighting:
 
 
 class ELBO(Weighting):
-    """w(λ) = 1: the continuous-time ELBO (seed 000 eq. 4; seed 004 eq. 53–54)."""
+    """w(λ) = 1: the continuous-time ELBO (VDM++ eq. 4; VDM eq. 53–54)."""
 
     name = "elbo"
     monotonic = True
@@ -154,7 +154,7 @@ class ELBO(Weighting):
 
 
 class IDDPM(Weighting):
-    """ε-prediction MSE with the cosine schedule: w(λ) = sech(λ/2) (seed 000 Table 1, Sec. 3.1).
+    """ε-prediction MSE with the cosine schedule: w(λ) = sech(λ/2) (VDM++ Table 1, Sec. 3.1).
 
     E_{t∼U}‖ε − ε̂‖² = ∫ p(λ)‖ε − ε̂‖² dλ = ½ ∫ 2p(λ)‖ε − ε̂‖² dλ, so w = 2p with the cosine density
     p(λ) = sech(λ/2)/(2π) (Table 4): w = sech(λ/2)/π; the constant 1/π is dropped. With shift s,
@@ -169,10 +169,10 @@ class IDDPM(Weighting):
 
 
 class EDM(Weighting):
-    """EDM's loss (seed 003 Sec. 5; seed 000 App. D.1): w(λ) = N(λ; μ, s²)·(e^{−λ} + σ_d²)/σ_d².
+    """EDM's loss (EDM Sec. 5; VDM++ App. D.1): w(λ) = N(λ; μ, s²)·(e^{−λ} + σ_d²)/σ_d².
 
     EDM draws ln σ ∼ N(P_mean, P_std²) and weights ‖D(y + σn; σ) − y‖² by
-    (σ² + σ_d²)/(σσ_d)² (seed 003). With λ = −2 ln σ, λ ∼ N(μ, s²), μ = −2P_mean = 2.4,
+    (σ² + σ_d²)/(σσ_d)² (EDM). With λ = −2 ln σ, λ ∼ N(μ, s²), μ = −2P_mean = 2.4,
     s = 2P_std = 2.4 (eq. 44), and ‖x − x̂‖² = e^{−λ}‖ε − ε̂‖² (eq. 122), the per-λ integrand is
     p(λ)·(e^{−λ} + σ_d²)/(e^{−λ}σ_d²)·e^{−λ}‖ε − ε̂‖² = p(λ)(e^{−λ} + σ_d²)/σ_d²·‖ε − ε̂‖²
     (eq. 46–47). Hence L_EDM = ∫ w‖ε − ε̂‖² dλ = 2·L_w exactly with the w above; Table 1
@@ -211,7 +211,7 @@ class EDM(Weighting):
 
 
 class VPrediction(Weighting):
-    """v-prediction MSE with the cosine schedule: w(λ) = e^{−λ/2} (seed 000 App. D.2).
+    """v-prediction MSE with the cosine schedule: w(λ) = e^{−λ/2} (VDM++ App. D.2).
 
     ‖v − v̂‖² = (e^{−λ} + 1)‖ε − ε̂‖² for VP (eq. 54), so E_{t∼U}‖v − v̂‖² = ½∫ 2p(e^{−λ} + 1)‖ε − ε̂‖²
     with p = sech(λ/2)/(2π): 2p(e^{−λ} + 1) = (e^{−λ} + 1)/(π cosh(λ/2)) = (2/π)e^{−λ/2}
@@ -231,7 +231,7 @@ class VPrediction(Weighting):
 
 
 class FlowOT(Weighting):
-    """Conditional flow matching with the OT path: w(λ) = e^{−λ/2} (seed 000 App. D.3).
+    """Conditional flow matching with the OT path: w(λ) = e^{−λ/2} (VDM++ App. D.3).
 
     z_t = (1 − t)x + tε, o = x − ε: λ = 2 log((1 − t)/t), p(λ) = sech²(λ/4)/8 (eq. 69) and
     ‖o − ô‖² = (1 + e^{−λ/2})²‖ε − ε̂‖² (eq. 78), so L_CFM = ½∫ w‖ε − ε̂‖² with
@@ -250,7 +250,7 @@ class FlowOT(Weighting):
 
 
 class InDI(Weighting):
-    """InDI's x-prediction MSE on the FM-OT path: w(λ) = e^{−λ} sech²(λ/4) (seed 000 App. D.4).
+    """InDI's x-prediction MSE on the FM-OT path: w(λ) = e^{−λ} sech²(λ/4) (VDM++ App. D.4).
 
     E_{t∼U}‖x − x̂‖² = ∫ p e^{−λ}‖ε − ε̂‖² with p = sech²(λ/4)/8 (eq. 90–91), i.e. w = 2p e^{−λ} =
     e^{−λ}sech²(λ/4)/4; the constant 1/4 is dropped. d log w/dλ = −1 − ½tanh(λ/4) < 0, so it is
@@ -268,7 +268,7 @@ class InDI(Weighting):
 
 
 class P2(Weighting):
-    """P2 weighting with the cosine schedule: w(λ) = sech(λ/2)/(k + e^λ)^γ (seed 000 App. D.5).
+    """P2 weighting with the cosine schedule: w(λ) = sech(λ/2)/(k + e^λ)^γ (VDM++ App. D.5).
 
     Choi et al. weight the ε-MSE by (k + SNR)^{−γ}: w = p(λ)/(k + e^λ)^γ (eq. 92), and with the
     cosine p ∝ sech(λ/2). Defaults k = 1, γ = 1 (γ = 0.5 is the other published value).
@@ -293,7 +293,7 @@ class P2(Weighting):
 
 
 class MinSNR(Weighting):
-    """Min-SNR-γ with the cosine schedule: w(λ) = sech(λ/2)·min(1, γe^{−λ}) (seed 000 App. D.6).
+    """Min-SNR-γ with the cosine schedule: w(λ) = sech(λ/2)·min(1, γe^{−λ}) (VDM++ App. D.6).
 
     min(e^λ, γ)‖x − x̂‖² = min(1, γe^{−λ})‖ε − ε̂‖² (eq. 93–94), so w = min(1, γe^{−λ})·p(λ) with
     the cosine p ∝ sech(λ/2). γ = 5 as in Hang et al. Non-monotonic.
@@ -316,7 +316,7 @@ class MinSNR(Weighting):
 
 
 class Sigmoid(Weighting):
-    """VDM++'s sigmoid weighting w(λ) = sigmoid(−λ + b) (seed 000 Sec. 5.1; default b = 2).
+    """VDM++'s sigmoid weighting w(λ) = sigmoid(−λ + b) (VDM++ Sec. 5.1; default b = 2).
 
     Inspired by the low-bit weighting (App. I); monotonic.
     """
@@ -338,7 +338,7 @@ class Sigmoid(Weighting):
 
 
 class EDMMonotonic(EDM):
-    """'EDM-monotonic' (seed 000 Sec. 5.1): the EDM weighting, held at its peak value left of it.
+    """'EDM-monotonic' (VDM++ Sec. 5.1): the EDM weighting, held at its peak value left of it.
 
     w(λ) = max w̃ for λ < λ* = argmax w̃, else w̃(λ), with w̃ the :class:`EDM` weighting. λ* solves
     d log w̃/dλ = −(λ − μ)/s² − e^{−λ}/(e^{−λ} + σ_d²) = 0; it is located once in float64
@@ -383,7 +383,7 @@ class EDMMonotonic(EDM):
 
 
 class LowBit(Weighting):
-    """5-bit-like weighting w(λ) = F_N(−a(λ − c)), a = 2, c = 8.4 (seed 000 App. I, eq. 146).
+    """5-bit-like weighting w(λ) = F_N(−a(λ − c)), a = 2, c = 8.4 (VDM++ App. I, eq. 146).
 
     F_N is the standard normal CDF; evaluated as exp(log_ndtr(·)). Monotonic.
     """

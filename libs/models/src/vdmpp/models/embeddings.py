@@ -1,11 +1,11 @@
 """Conditioning inputs: the noise-level embedding of λ and VDM's Fourier-feature input channels.
 
 * λ is process independent, so every network here is conditioned on it directly. Before the
-  sinusoidal embedding it is rescaled to EDM's noise conditioning (seed 003 Table 1),
+  sinusoidal embedding it is rescaled to EDM's noise conditioning (EDM Table 1),
   c_noise = ¼ ln σ with σ = e^{−λ/2}, i.e. c_noise(λ) = −λ/8: λ ∈ [−20, 20] maps to
-  [2.5, −2.5], a range of the same size as VDM's "λ rescaled to roughly [0, 1]" (seed 004
+  [2.5, −2.5], a range of the same size as VDM's "λ rescaled to roughly [0, 1]" (VDM
   App. B.1) times a few.
-* Fourier features (seed 004 App. C, eq. 34): f^n = sin(z·2^n·π), g^n = cos(z·2^n·π) for
+* Fourier features (VDM App. C, eq. 34): f^n = sin(z·2^n·π), g^n = cos(z·2^n·π) for
   n ∈ {n_min, …, n_max} applied to every scalar of the input, concatenated as extra channels.
 """
 
@@ -26,7 +26,7 @@ __all__ = [
 
 
 def c_noise_from_logsnr(logsnr: Tensor) -> Tensor:
-    """EDM's c_noise = ¼ ln σ written in λ: σ = e^{−λ/2} gives c_noise = −λ/8 (seed 003 Table 1)."""
+    """EDM's c_noise = ¼ ln σ written in λ: σ = e^{−λ/2} gives c_noise = −λ/8 (EDM Table 1)."""
     return -0.125 * logsnr
 
 
@@ -63,7 +63,7 @@ class LogSNREmbedding(nn.Module):
 
 
 def fourier_features(z: Tensor, n_min: int = 7, n_max: int = 8) -> Tensor:
-    """VDM Fourier features (seed 004 eq. 34): z [B, C, H, W] → [B, 2·N·C, H, W], N = n_max−n_min+1.
+    """VDM Fourier features (VDM eq. 34): z [B, C, H, W] → [B, 2·N·C, H, W], N = n_max−n_min+1.
 
     Channel layout: index (k·N + i)·C + c holds sin (k = 0) or cos (k = 1) of z[:, c]·2^{n_min+i}·π.
     Computed in at least float32 (the arguments reach 2^8·π·|z|; bf16 would alias them; float64

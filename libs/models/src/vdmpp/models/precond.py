@@ -1,13 +1,13 @@
-"""EDM preconditioning (Karras et al. 2022, seed 003 Table 1 and eq. 7) and plain eps/v/x heads.
+"""EDM preconditioning (Karras et al. 2022, EDM Table 1 and eq. 7) and plain eps/v/x heads.
 
 Units. `z` is a sample of the process the model was built for:
 
 * VP (default): z = α x + σ ε with α² = sigmoid(λ), σ² = sigmoid(−λ);
 * VE: z = x + σ ε with σ = e^{−λ/2} (this is EDM's x at noise level σ).
 
-EDM works in VE units: x_edm = z/α, σ_edm = e^{−λ/2} (seed 003 eq. 4 with s = α; seed 000
+EDM works in VE units: x_edm = z/α, σ_edm = e^{−λ/2} (EDM eq. 4 with s = α; VDM++
 App. E.2/E.4). Its denoiser is D(x_edm; σ) = c_skip(σ)·x_edm + c_out(σ)·F(c_in(σ)·x_edm; c_noise(σ))
-with (seed 003 Table 1, σ_d = sigma_data)
+with (EDM Table 1, σ_d = sigma_data)
 
     c_skip = σ_d² / (σ² + σ_d²)        c_out = σ·σ_d / √(σ² + σ_d²)
     c_in   = 1 / √(σ² + σ_d²)          c_noise = ¼ ln σ = −λ/8.
@@ -26,13 +26,13 @@ Output. `Preconditioned.forward` returns the prediction named by `parameterizati
 units the losses library expects:
 
 * "edm": F̂, the raw network output of eq. 7, whose regression target is
-  (x − c_skip·x_edm)/c_out (seed 003 eq. 8, seed 000 eq. 119–120 with x_edm = z/α);
-* "eps": ε̂;   "x": x̂;   "v": v̂ with v = α ε − σ x (the process's α, σ; seed 000 App. D.2).
+  (x − c_skip·x_edm)/c_out (EDM eq. 8, VDM++ eq. 119–120 with x_edm = z/α);
+* "eps": ε̂;   "x": x̂;   "v": v̂ with v = α ε − σ x (the process's α, σ; VDM++ App. D.2).
 
 `Preconditioned.denoise` returns x̂ (data units, = EDM's D(x_edm; σ)) for every parameterization.
 
-Note on seed 000 eq. 119: the text writes the skip term as c_skip·α·z; with z = α x + σ ε the
-consistent form is c_skip·z/α (= c_skip·x_edm, seed 003 eq. 4), used here and checked by tests.
+Note on VDM++ eq. 119: the text writes the skip term as c_skip·α·z; with z = α x + σ ε the
+consistent form is c_skip·z/α (= c_skip·x_edm, EDM eq. 4), used here and checked by tests.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _upcast(x: Tensor) -> Tensor:
 def edm_coefficients(
     sigma: Tensor, sigma_data: float = 0.5
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(c_skip, c_out, c_in, c_noise) of seed 003 Table 1 at EDM noise level σ, as written there."""
+    """(c_skip, c_out, c_in, c_noise) of EDM Table 1 at EDM noise level σ, as written there."""
     s2, d2 = sigma**2, sigma_data**2
     c_skip = d2 / (s2 + d2)
     c_out = sigma * sigma_data / torch.sqrt(s2 + d2)

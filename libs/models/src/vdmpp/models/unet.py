@@ -1,4 +1,4 @@
-"""ADM U-Net conditioned on log-SNR λ (Dhariwal & Nichol 2021; VDM's variant, seed 004 App. B–C).
+"""ADM U-Net conditioned on log-SNR λ (Dhariwal & Nichol 2021; VDM's variant, VDM App. B–C).
 
 Encoder: per level `num_res_blocks` residual blocks (+ self-attention where the feature map's
 resolution is in `attention_resolutions`), then a down-sampling step (a down-sampling residual
@@ -8,7 +8,7 @@ Middle: residual block, attention, residual block. Decoder: mirror image with
 
 Conditioning: λ → c_noise(λ) = −λ/8 → sinusoidal embedding → MLP, plus a learned class embedding
 with `num_classes + 1` rows; row `num_classes` is the null class used when `class_labels` is
-None (classifier-free guidance). Optional Fourier-feature input channels (seed 004 App. C).
+None (classifier-free guidance). Optional Fourier-feature input channels (VDM App. C).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The NoiseSchedule protocol and truncation of closed-form schedules (seed 000 App. E.3)."""
+"""The NoiseSchedule protocol and truncation of closed-form schedules (VDM++ App. E.3)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class NoiseSchedule(Protocol):
     """A noise schedule t ∈ [0, 1] → λ, decreasing, with λ(0) = logsnr_max, λ(1) = logsnr_min.
 
     ``pdf`` is the density of λ when t ~ U[0, 1]: p(λ) = −dt/dλ on [logsnr_min, logsnr_max],
-    0 outside (seed 000 App. E.3).
+    0 outside (VDM++ App. E.3).
     """
 
     logsnr_min: float
@@ -57,7 +57,7 @@ def _float(t: Tensor) -> Tensor:
 
 
 class TruncatedSchedule:
-    """A closed-form schedule f_λ, truncated to [logsnr_min, logsnr_max] (seed 000 eq. 127–132).
+    """A closed-form schedule f_λ, truncated to [logsnr_min, logsnr_max] (VDM++ eq. 127–132).
 
     Subclasses give the untruncated maps on u ∈ (0, 1): ``_logsnr(u, v)`` (with v = 1 − u passed
     separately so both ends stay accurate), ``_t(λ)`` and ``_pdf(λ)`` = −d_t/dλ. Truncation:
@@ -96,7 +96,7 @@ class TruncatedSchedule:
 
     # --- the truncated schedule ---------------------------------------------------------------
     def logsnr(self, t: Tensor) -> Tensor:
-        """λ = f̃_λ(t) (seed 000 eq. 127), clamped to the exact endpoints."""
+        """λ = f̃_λ(t) (VDM++ eq. 127), clamped to the exact endpoints."""
         check_unit_interval(t)
         tf = _float(t)
         u = self._t0 + (self._t1 - self._t0) * tf
@@ -105,13 +105,13 @@ class TruncatedSchedule:
         return lam.to(t.dtype) if t.is_floating_point() else lam
 
     def t(self, logsnr: Tensor) -> Tensor:
-        """t = f̃_λ⁻¹(λ) (seed 000 eq. 130); λ outside the range maps to the nearest end."""
+        """t = f̃_λ⁻¹(λ) (VDM++ eq. 130); λ outside the range maps to the nearest end."""
         lam = _float(logsnr)
         t = (self._t(lam) - self._t0) / (self._t1 - self._t0)
         return t.clamp(0.0, 1.0).to(logsnr.dtype)
 
     def pdf(self, logsnr: Tensor) -> Tensor:
-        """p̃(λ) = p(λ)/(t₁ − t₀) on [λ_min, λ_max], else 0 (seed 000 eq. 131–132)."""
+        """p̃(λ) = p(λ)/(t₁ − t₀) on [λ_min, λ_max], else 0 (VDM++ eq. 131–132)."""
         lam = _float(logsnr)
         inside = (lam >= self.logsnr_min) & (lam <= self.logsnr_max)
         p = self._pdf(lam) / (self._t1 - self._t0)

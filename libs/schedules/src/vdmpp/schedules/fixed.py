@@ -1,4 +1,4 @@
-"""Closed-form noise schedules of seed 000 Table 4, plus linear VP (seed 003 Table 1).
+"""Closed-form noise schedules of VDM++ Table 4, plus linear VP (EDM Table 1).
 
 Each row is derived so that λ = f(t), t = f⁻¹(λ) and p(λ) = −dt/dλ agree (tests check all three
 against each other by finite differences). Two rows of the printed Table 4 carry sign errors:
@@ -37,7 +37,7 @@ def _sech(x: Tensor) -> Tensor:
 
 
 class Cosine(TruncatedSchedule):
-    """(Shifted) cosine schedule (seed 000 Table 4; Nichol & Dhariwal; Hoogeboom et al.).
+    """(Shifted) cosine schedule (VDM++ Table 4; Nichol & Dhariwal; Hoogeboom et al.).
 
     λ = −2 log tan(πt/2) + 2s,  t = (2/π) arctan(e^{−λ/2+s}),  p(λ) = sech(λ/2 − s)/(2π).
     λ is evaluated as 2[log sin(π(1−u)/2) − log sin(πu/2)] + 2s, accurate at both ends.
@@ -49,7 +49,7 @@ class Cosine(TruncatedSchedule):
 
     @classmethod
     def for_resolution(cls, d: int, base: int = 64, **kwargs: float) -> Cosine:
-        """Shifted cosine for resolution d: s = log(base/d) (seed 000 App. D.2.1)."""
+        """Shifted cosine for resolution d: s = log(base/d) (VDM++ App. D.2.1)."""
         if d <= 0 or base <= 0:
             raise ValueError(f"resolution and base must be positive, got d={d}, base={base}")
         return cls(shift=math.log(base / d), **kwargs)
@@ -76,7 +76,7 @@ class Cosine(TruncatedSchedule):
 class EDMTraining(TruncatedSchedule):
     """EDM's training noise: ln σ ~ N(P_mean, P_std²), i.e. λ ~ N(−2P_mean, (2P_std)²).
 
-    Seed 003 Sec. 5 / seed 000 Table 4 (sign-corrected, see module docstring):
+    EDM Sec. 5 / VDM++ Table 4 (sign-corrected, see module docstring):
     λ = μ − s Φ⁻¹(t),  t = Φ((μ − λ)/s),  p(λ) = N(λ; μ, s²),  μ = −2P_mean, s = 2P_std.
     """
 
@@ -114,7 +114,7 @@ class EDMTraining(TruncatedSchedule):
 
 
 class EDMSampling(TruncatedSchedule):
-    """EDM's sampling discretisation as a schedule (seed 003 eq. 5, seed 000 Table 4).
+    """EDM's sampling discretisation as a schedule (EDM eq. 5, VDM++ Table 4).
 
     σ(t) = (a + t(b − a))^ρ with a = σ_min^{1/ρ}, b = σ_max^{1/ρ}; λ = −2ρ log(a + t(b − a)),
     t = (e^{−λ/(2ρ)} − a)/(b − a), p(λ) = e^{−λ/(2ρ)}/(2ρ(b − a)). Natural endpoints
@@ -156,7 +156,7 @@ class EDMSampling(TruncatedSchedule):
 
 
 class FlowOT(TruncatedSchedule):
-    """Rectified flow / flow matching with OT paths, z_t = (1 − t)x + tε (seed 000 App. D.3).
+    """Rectified flow / flow matching with OT paths, z_t = (1 − t)x + tε (VDM++ App. D.3).
 
     α = 1 − t, σ = t: λ = 2 log((1 − t)/t), t = sigmoid(−λ/2), p(λ) = sech²(λ/4)/8.
     """
@@ -179,12 +179,12 @@ class FlowOT(TruncatedSchedule):
 
 
 class LinearVP(TruncatedSchedule):
-    """DDPM's linear-β VP schedule in continuous time (seed 003 Table 1, "VP").
+    """DDPM's linear-β VP schedule in continuous time (EDM Table 1, "VP").
 
     σ_EDM(t)² = e^{½β_d t² + β_min t} − 1 and λ = −2 log σ_EDM:
     λ = −log expm1(½β_d t² + β_min t);  with q = softplus(−λ) = ½β_d t² + β_min t,
     t = 2q/(β_min + √(β_min² + 2β_d q));  p(λ) = −dt/dλ = sigmoid(−λ)/√(β_min² + 2β_d q).
-    Natural endpoints t ∈ [ε_t, 1] with ε_t = 10⁻³ (seed 003 Table 1) are the defaults.
+    Natural endpoints t ∈ [ε_t, 1] with ε_t = 10⁻³ (EDM Table 1) are the defaults.
     """
 
     def __init__(

@@ -2,9 +2,9 @@
 
 This module is the one home of every λ ↔ σ ↔ α formula in vdmpp (DESIGN.md, "One coordinate").
 
-* VP (variance preserving, seed 000 eq. 1–2, seed 004 App. J): α² = sigmoid(λ), σ² = sigmoid(−λ),
+* VP (variance preserving, VDM++ eq. 1–2, VDM App. J): α² = sigmoid(λ), σ² = sigmoid(−λ),
   so α² + σ² = 1 and λ = log(α²/σ²).
-* VE (variance exploding, EDM's units, seed 003 eq. 1 with s(t) = 1): α = 1, σ = e^{−λ/2}.
+* VE (variance exploding, EDM's units, EDM eq. 1 with s(t) = 1): α = 1, σ = e^{−λ/2}.
 
 All functions are written with log-sigmoid / softplus / expm1 so that they stay finite and
 accurate in float32 and bfloat16 over λ ∈ [−30, 30] (and beyond); half-precision inputs are
@@ -38,7 +38,7 @@ def _upcast(x: Tensor) -> Tensor:
 
 
 def vp(logsnr: Tensor) -> tuple[Tensor, Tensor]:
-    """VP process: (α, σ) = (√sigmoid(λ), √sigmoid(−λ)) via log-sigmoid (seed 004 App. J)."""
+    """VP process: (α, σ) = (√sigmoid(λ), √sigmoid(−λ)) via log-sigmoid (VDM App. J)."""
     lam = _upcast(logsnr)
     alpha = torch.exp(0.5 * F.logsigmoid(lam))
     sigma = torch.exp(0.5 * F.logsigmoid(-lam))
@@ -46,7 +46,7 @@ def vp(logsnr: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def ve(logsnr: Tensor) -> tuple[Tensor, Tensor]:
-    """VE process in EDM units: (α, σ) = (1, e^{−λ/2}) (seed 003 Table 1, "VE")."""
+    """VE process in EDM units: (α, σ) = (1, e^{−λ/2}) (EDM Table 1, "VE")."""
     sigma = sigma_from_logsnr(logsnr)
     return torch.ones_like(sigma), sigma
 
@@ -62,14 +62,14 @@ def logsnr_from_sigma(sigma: Tensor) -> Tensor:
 
 
 def logsnr_from_alpha_sigma(alpha: Tensor, sigma: Tensor) -> Tensor:
-    """λ = log(α²/σ²) for any process (seed 000 eq. 2)."""
+    """λ = log(α²/σ²) for any process (VDM++ eq. 2)."""
     return (2.0 * (torch.log(_upcast(alpha)) - torch.log(_upcast(sigma)))).to(alpha.dtype)
 
 
 def vp_transition(logsnr_s: Tensor, logsnr_t: Tensor) -> tuple[Tensor, Tensor]:
     """q(z_t | z_s) of the VP process for λ_t < λ_s: returns (α_{t|s}, σ²_{t|s}).
 
-    α_{t|s} = α_t/α_s and σ²_{t|s} = σ²_t − α²_{t|s}σ²_s. With γ = −λ (seed 004 App. J, eq. 63):
+    α_{t|s} = α_t/α_s and σ²_{t|s} = σ²_t − α²_{t|s}σ²_s. With γ = −λ (VDM App. J, eq. 63):
     σ²_{t|s} = −expm1(softplus(γ_s) − softplus(γ_t)), which avoids the cancellation 1 − (≈1).
     """
     ls, lt = _upcast(logsnr_s), _upcast(logsnr_t)
@@ -81,7 +81,7 @@ def vp_transition(logsnr_s: Tensor, logsnr_t: Tensor) -> tuple[Tensor, Tensor]:
 def edm_coefficients_logsnr(
     logsnr: Tensor, sigma_data: float = 0.5
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """EDM's (c_skip, c_out, c_in, c_noise) (seed 003 Table 1) at σ = e^{−λ/2}, in λ.
+    """EDM's (c_skip, c_out, c_in, c_noise) (EDM Table 1) at σ = e^{−λ/2}, in λ.
 
     c_skip = σ_d²/(σ² + σ_d²) = sigmoid(λ + log σ_d²), c_in = (e^{−λ} + σ_d²)^{−1/2},
     c_out = σσ_d·c_in, c_noise = ¼ ln σ = −λ/8; log-space, finite in float32 for |λ| ≤ 30

@@ -34,7 +34,7 @@ def low_discrepancy(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Low-discrepancy times t_i = mod(u₀ + i/n, 1), u₀ ~ U[0, 1) (seed 004 App. I.1).
+    """Low-discrepancy times t_i = mod(u₀ + i/n, 1), u₀ ~ U[0, 1) (VDM App. I.1).
 
     Each t_i is marginally U[0, 1) and the batch has exactly one point in each of the n strata
     [k/n, (k+1)/n). Computed in float64 and cast, so the strata are exact for any n.
