@@ -104,6 +104,9 @@ def _install_kernels(session: nox.Session, *, cuda: bool) -> None:
 def kernels(session: nox.Session) -> None:
     """Build vdmpp-kernels (CPU) and run its tests against the pure-PyTorch references."""
     _install_kernels(session, cuda=False)
+    # + the train app and every library it pulls: csrc/tests train digits through the fused
+    # adaptive ops and trace a training step (losses) and a sampling call for host syncs
+    session.install(*[_local(d) for d in closure("vdmpp-train") if d in LIBRARIES], "./apps/train")
     session.run("pytest", "csrc/tests", *session.posargs)
 
 

@@ -1,9 +1,14 @@
 """Build vdmpp-kernels: `pip install --no-build-isolation ./csrc` (uses the installed torch).
 
 CUDA kernels are built when the installed torch is a CUDA build and a CUDA toolkit is found
-(``CUDA_HOME``), or when ``FORCE_CUDA=1`` — never because a GPU happens to be visible, so build
-machines without a GPU produce the same wheel. ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0")
-picks the architectures; ``MAX_JOBS`` bounds the ninja build.
+(``CUDA_HOME``) — never because a GPU happens to be visible, so build machines without a GPU
+produce the same wheel. ``FORCE_CUDA=1`` builds them regardless (an error without a toolkit),
+``FORCE_CUDA=0`` never builds them (a CPU-only extension even on a CUDA box).
+``TORCH_CUDA_ARCH_LIST`` picks the architectures; the default "7.5;8.0;9.0+PTX" has SASS for
+Turing (T4), Ampere (A100) and Hopper (H100) and PTX of 9.0 that newer GPUs (Blackwell, ...)
+JIT-compile. A GPU no image fits (e.g. a build for "9.0" on an A100) is detected at run time
+(``vdmpp.kernels.device_ok``): the libraries stay on their PyTorch references with a warning.
+``MAX_JOBS`` bounds the ninja build.
 """
 
 from __future__ import annotations
@@ -18,8 +23,18 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 HERE = Path(__file__).parent.resolve()
 
 
+DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
+
+
 def _build_cuda() -> bool:
-    if os.environ.get("FORCE_CUDA", "0") == "1":
+    force = os.environ.get("FORCE_CUDA", "").strip()
+    if force not in ("", "0", "1"):
+        raise SystemExit(f"FORCE_CUDA must be 0 or 1 (or unset), got {force!r}")
+    if force == "0":
+        return False
+    if force == "1":
+        if CUDA_HOME is None:
+            raise SystemExit("FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
         return True
     return torch.version.cuda is not None and CUDA_HOME is not None
 
@@ -29,7 +44,7 @@ def _extension():
     cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden"]
     if not _build_cuda():
         return CppExtension("vdmpp.kernels._C", cpp, extra_compile_args={"cxx": cxx})
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     cu = sorted(str(p.relative_to(HERE)) for p in (HERE / "cuda").glob("*.cu"))
     nvcc = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension(

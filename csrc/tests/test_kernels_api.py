@@ -196,6 +196,39 @@ def test_kernels_kernel_image_probe_cpu():
     assert not K.device_ok("meta")
 
 
+def test_kernels_device_without_a_usable_image_falls_back_with_one_warning(monkeypatch):
+    """A CUDA device the build has no kernel image for (simulated: the probe says False) is
+    refused by device_ok / can_use with one warning, cached per device: callers stay on the
+    reference instead of failing at launch ("no kernel image is available")."""
+    import warnings
+
+    monkeypatch.setattr(K, "_DEVICE_OK", {})
+    probes = []
+
+    class _Probe:
+        def kernel_image_ok(self, t):
+            probes.append(t.device)
+            return False
+
+    monkeypatch.setattr(torch, "ops", type("Ops", (), {"vdmpp": _Probe()})())
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **kw: torch.zeros(0).to("meta"))
+    with pytest.warns(RuntimeWarning, match="cannot run on cuda:3.*TORCH_CUDA_ARCH_LIST"):
+        assert not K.device_ok("cuda:3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not K.device_ok("cuda:3")  # cached: no second probe, no second warning
+    assert len(probes) == 1
+
+
+def test_kernels_device_probe_failure_is_a_fallback_not_a_crash(monkeypatch):
+    """Without any CUDA runtime (this CPU-only torch) the probe raises: still False + warning."""
+    monkeypatch.setattr(K, "_DEVICE_OK", {})
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA runtime is present")
+    with pytest.warns(RuntimeWarning, match="cannot run on cuda"):
+        assert not K.device_ok("cuda")
+
+
 def test_kernels_adaptive_bad_input_errors():
     ema, cdf, lam, val = torch.ones(8), torch.zeros(9), _t(6), _t(6).abs()
     upd = lambda *a, **kw: K.adaptive_ema_update(*a, **kw)

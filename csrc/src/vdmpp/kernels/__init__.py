@@ -98,7 +98,10 @@ def device_ok(device: torch.device | str) -> bool:
     if device.type != "cuda":
         return device.type == "cpu"
     if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+        try:
+            device = torch.device("cuda", torch.cuda.current_device())
+        except Exception:  # no CUDA runtime: cache under the index-less device
+            pass
     ok = _DEVICE_OK.get(device)
     if ok is None:
         try:
@@ -107,12 +110,15 @@ def device_ok(device: torch.device | str) -> bool:
         except Exception as e:  # any failure means: do not dispatch here
             ok, why = False, f"{type(e).__name__}: {e}"
         if not ok:
-            name = torch.cuda.get_device_name(device)
-            cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
+            try:
+                cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
+                what = f"{torch.cuda.get_device_name(device)}, compute capability {cc}"
+            except Exception as e:  # e.g. no CUDA driver at all
+                what = f"not usable: {type(e).__name__}"
             warnings.warn(
-                f"vdmpp.kernels: the CUDA kernels cannot run on {device} ({name}, compute "
-                f"capability {cc}): {why}; the pure-PyTorch reference paths are used instead "
-                "(rebuild with TORCH_CUDA_ARCH_LIST including this architecture or +PTX)",
+                f"vdmpp.kernels: the CUDA kernels cannot run on {device} ({what}): {why}; the "
+                "pure-PyTorch reference paths are used instead (rebuild with "
+                "TORCH_CUDA_ARCH_LIST including this architecture, or with +PTX)",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -54,6 +54,10 @@ class Learned(nn.Module):
         self.b3 = nn.Parameter(torch.tensor(0.0))
         self.variance_grad = variance_grad
         self._pending: list[_VarianceScale] = []
+        # t ∈ {0, 1} for the normalisation γ̃(0), γ̃(1), kept on the module's device (it moves
+        # with .to()): no host→device copy per call, so a step is sync-free and graph-capturable.
+        # Not persistent: checkpoints are unchanged.
+        self.register_buffer("_t01", torch.tensor([0.0, 1.0]), persistent=False)
 
     @property
     def logsnr_min(self) -> Tensor:
@@ -76,7 +80,7 @@ class Learned(nn.Module):
     def _shape(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised shape s(t) ∈ [0, 1] and s'(t) > 0."""
         dtype = torch.promote_types(t.dtype, self.w1.dtype)
-        ends, _ = self._gamma_tilde(torch.tensor([0.0, 1.0], dtype=dtype, device=t.device))
+        ends, _ = self._gamma_tilde(self._t01.to(device=t.device, dtype=dtype))
         g, dg = self._gamma_tilde(t.to(dtype))
         span = ends[1] - ends[0]
         return (g - ends[0]) / span, dg / span
