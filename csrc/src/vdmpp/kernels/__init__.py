@@ -9,6 +9,7 @@ the reason is kept in :data:`load_error`, a warning is issued once, and :func:`c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -98,10 +99,8 @@ def device_ok(device: torch.device | str) -> bool:
     if device.type != "cuda":
         return device.type == "cpu"
     if device.index is None:
-        try:
+        with contextlib.suppress(Exception):  # no CUDA runtime: keep the index-less device
             device = torch.device("cuda", torch.cuda.current_device())
-        except Exception:  # no CUDA runtime: cache under the index-less device
-            pass
     ok = _DEVICE_OK.get(device)
     if ok is None:
         try:
