@@ -5,7 +5,10 @@ Times, for float32 and bfloat16:
     correction; everything but the network) — reference eager, reference under torch.compile,
     and the fused ``vdmpp.kernels`` ops when importable;
   * sample: ``heun`` with 18 steps (35 NFE) and a cheap VP ε-network through ``as_denoiser`` —
-    eager, and the whole sampling call under torch.compile.
+    eager, and the whole sampling call under torch.compile;
+  * overhead: the sampler's own time per Heun step (``heun`` time / steps) with a trivial
+    denoiser D(x; σ) = x/(1 + σ²), ``check_finite`` off and on, reference and kernels — the cost
+    of the per-evaluation NaN/inf check (target: on within 1.2× of off on CPU).
 Prints a table and writes bench/results/samplers-<device>.json.
 
     python bench/samplers.py                       # CPU: 8x3x64x64
@@ -141,6 +144,48 @@ def _bench_dtype(name, shape, sigmas, device, K, args, rows) -> None:
         _record(rows, "sample", name, "compile whole", _time(whole, device, *sreps))
 
 
+def _trivial_denoiser(x, sigma):
+    """D(x; σ) = x / (1 + σ²) per sample: one elementwise pass, the cheapest honest denoiser."""
+    return x * (1.0 / (1.0 + sigma * sigma)).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def _bench_overhead(name, shape, sigmas, device, K, args, rows) -> None:
+    """Sampler overhead per Heun step against a trivial denoiser: check_finite on vs off.
+
+    The two settings run alternately (off, on, off, on, ...) so that load from other processes
+    hits both alike; each row reports the minimum (the least disturbed run) and the median.
+    """
+    dtype = DTYPES[name]
+    x = torch.randn(shape, generator=torch.Generator(device=device).manual_seed(1),
+                    device=device).to(dtype)  # fmt: skip
+    steps = len(sigmas) - 1
+    nfe = 2 * steps - 1
+    s = torch.tensor([1.0] * shape[0], device=device)
+    den = _time(lambda: _trivial_denoiser(x, s), device, 1, args.repeats) * nfe / steps
+    _record(rows, "overhead", name, "denoiser alone", den)  # per step: its NFE share
+    modes = [False] + ([True] if K is not None and K.can_use("heun_step", x) else [])
+    for kernels in modes:
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for rep in range(1 + args.repeats):
+            for check in (False, True):
+                t0 = time.perf_counter()
+                heun(_trivial_denoiser, x, sigmas, check_finite=check, use_kernels=kernels)
+                _sync(device)
+                if rep:  # the first round warms up
+                    times[check].append((time.perf_counter() - t0) * 1e3 / steps)
+        for check in (False, True):
+            mode = f"{'kernels' if kernels else 'reference'} check={'on' if check else 'off'}"
+            _record(rows, "overhead", name, mode, min(times[check]))
+            rows[-1].update({
+                "per": "step", "check_finite": check, "kernels": kernels,
+                "median_ms": round(statistics.median(times[check]), 4),
+            })  # fmt: skip
+        off, on = rows[-2]["ms"], rows[-1]["ms"]
+        rows[-1]["check_on_over_off"] = round(on / off, 3)
+        print(f"  check on / off = {on / off:.3f} (min), "
+              f"{rows[-1]['median_ms'] / rows[-2]['median_ms']:.3f} (median)", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -156,6 +201,11 @@ def main() -> None:
         help="also compile the whole sampling call (slow to compile on CPU)",
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--overhead-res", type=int, default=None,
+        help="resolution of the per-step overhead rows (default 256 on CPU, 512 on GPU)",
+    )  # fmt: skip
+    p.add_argument("--overhead-only", action="store_true", help="only the overhead rows")
     p.add_argument(
         "--out", default=None, help="JSON path (default bench/results/samplers-<dev>.json)"
     )
@@ -182,7 +232,10 @@ def main() -> None:
           f"kernels {kernels_status}")  # fmt: skip
     print(f"{'what':<8} {'dtype':<9} {'mode':<18} {'time':>14} {'GB/s':>9}")
     for name in args.dtypes.split(","):
-        _bench_dtype(name, shape, sigmas, device, K, args, rows)
+        if not args.overhead_only:
+            _bench_dtype(name, shape, sigmas, device, K, args, rows)
+        ores = args.overhead_res or (512 if gpu else 256)
+        _bench_overhead(name, (batch, 3, ores, ores), sigmas, device, K, args, rows)
 
     out = Path(args.out or Path(__file__).parent / "results" / f"samplers-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +250,8 @@ def main() -> None:
         "nfe": 2 * args.steps - 1,
         "kernels": kernels_status,
         "network": "CheapEps (2 convs, 8 hidden channels) via as_denoiser(eps, vp)",
+        "overhead_denoiser": "x / (1 + sigma^2) per sample (one elementwise pass)",
+        "overhead_shape": [batch, 3, *[args.overhead_res or (512 if gpu else 256)] * 2],
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "results": rows,
     }
