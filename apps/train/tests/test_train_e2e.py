@@ -20,6 +20,7 @@ from vdmpp.train.trainer import TrainingError, train
 CONTRACT_KEYS = {
     "format", "version", "model", "parameterization", "process", "sigma_data", "resolution",
     "channels", "num_classes", "data_range", "logsnr_min", "logsnr_max", "schedule", "step",
+    "weights_sha256",  # the pair's consistency check (load_exported verifies it)
 }  # fmt: skip
 
 

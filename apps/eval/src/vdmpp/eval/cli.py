@@ -244,7 +244,8 @@ def cmd_bpd(a: argparse.Namespace) -> dict[str, Any]:
 
     device = _device(a.device)
     model, meta = load_model(a.checkpoint, device)
-    images, labels = load_images(a.data, resolution=int(meta["resolution"]))
+    images, labels = load_images(a.data, resolution=int(meta["resolution"]),
+                                 num_classes=meta.get("num_classes"))
     if a.limit:
         images, labels = images[: a.limit], labels[: a.limit]
     r = bpd_of_export(model, meta, images, labels, draws=a.draws, steps=a.discrete_steps,
@@ -317,6 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_AT_LEAST = {"batch": 1, "chunk": 1, "grid": 0, "num": 1, "kid_subsets": 1, "draws": 1,
+             "limit": 0, "discrete_steps": 1, "steps": 1}
+_FINITE = ("churn", "s_tmin", "s_noise", "eta", "guidance", "sigma_min", "sigma_max", "rho")
+
+
+def _check_numbers(a: argparse.Namespace) -> None:
+    """Counts and sampler numbers checked before any work (``--batch -1`` used to write empty
+    chunks that counted as done; ``--batch 0`` was a traceback)."""
+    for name, lo in _AT_LEAST.items():
+        v = getattr(a, name, None)
+        if v is not None and v < lo:
+            raise EvalError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+    for name in _FINITE:
+        v = getattr(a, name, None)
+        if v is not None and not math.isfinite(v):
+            raise EvalError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+    if getattr(a, "s_tmax", None) is not None and math.isnan(a.s_tmax):
+        raise EvalError("--s-tmax must be a number (inf allowed), got nan")
+
+
 _COMMANDS = {"sample": cmd_sample, "metrics": cmd_metrics, "bpd": cmd_bpd, "plot": cmd_plot}
 
 
@@ -325,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(a, "device"):  # checked before any work
             a.device = _device(a.device)
+        _check_numbers(a)
         result = _COMMANDS[a.command](a)
     except EvalError as e:
         msg = re.sub(r"\s*\n\s*", " ", str(e).strip())  # one line, always

@@ -68,12 +68,19 @@ def _from_shards(urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
                         if ext == "png":
                             pngs[key] = data
                         else:
-                            classes[key] = int(data.decode("ascii").strip())
+                            try:
+                                classes[key] = int(data.decode("ascii").strip())
+                            except (UnicodeDecodeError, ValueError):
+                                raise EvalError(f"{url}: {m.name}: not an integer class label: "
+                                                f"{data[:20]!r}") from None
         except (tarfile.TarError, OSError) as e:
             raise EvalError(f"{url}: not a readable tar shard: {e}") from None
         for key, data in pngs.items():
-            with Image.open(io.BytesIO(data)) as im:
-                arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "P") else "RGB"))
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "P") else "RGB"))
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise EvalError(f"{url}: {key}.png: not a readable image ({e})") from None
             images.append(arr[..., None] if arr.ndim == 2 else arr)
             labels.append(classes.get(key, -1))
     if not images:
@@ -84,9 +91,24 @@ def _from_shards(urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(labels, np.int64)
 
 
-def load_images(spec: str | Path, resolution: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_images(
+    spec: str | Path, resolution: int | None = None, num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Images from ``digits`` / ``digits:train`` / ``digits:all``, an .npz, a ``vdmpp-eval sample``
-    output directory, a directory of ``*.tar`` shards, or a shard brace pattern."""
+    output directory, a directory of ``*.tar`` shards, or a shard brace pattern.
+
+    With ``num_classes``, a label outside [0, num_classes) (−1: none) is an :class:`EvalError`.
+    """
+    images, labels = _load_images(spec, resolution)
+    if num_classes is not None and len(labels):
+        bad = (labels < -1) | (labels >= int(num_classes))
+        if bad.any():
+            raise EvalError(f"{spec}: label {int(labels[bad][0])} is outside the model's "
+                            f"{num_classes} classes [0, {int(num_classes)})")
+    return images, labels
+
+
+def _load_images(spec: str | Path, resolution: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     spec = str(spec)
     if spec == "digits" or spec.startswith("digits:"):
         split = spec.partition(":")[2] or "test"

@@ -149,6 +149,8 @@ def generate(
     """(uint8 images [n, H, W, C], labels or None, NFE per image) for ``seeds``."""
     from vdmpp.samplers import PerSampleGenerator, guided
 
+    if batch_size < 1:
+        raise EvalError(f"--batch must be >= 1, got {batch_size}")
     spec.validate(meta)
     device = torch.device(device)
     shape = (int(meta["channels"]), int(meta["resolution"]), int(meta["resolution"]))
@@ -184,7 +186,8 @@ def _chunk_done(path: Path, seeds: Sequence[int]) -> bool:
         return False
     try:
         with np.load(path, allow_pickle=False) as z:
-            return np.array_equal(z["seeds"], np.asarray(seeds, np.int64)) and "images" in z.files
+            return (np.array_equal(z["seeds"], np.asarray(seeds, np.int64))
+                    and "images" in z.files and len(z["images"]) == len(seeds))
     except Exception:  # a torn or foreign file: redo the chunk
         return False
 
@@ -249,6 +252,8 @@ def run_shard(
     progress: bool = False,
 ) -> dict[str, int]:
     """Draw this rank's chunks that are not on disk yet; return {"done", "skipped", "nfe"}."""
+    if batch_size < 1:
+        raise EvalError(f"--batch must be >= 1, got {batch_size}")
     out = Path(out)
     mine = shard_chunks(seeds, chunk, rank, world)
     todo = [c for c in mine if not _chunk_done(_chunk_path(out, c), c)]

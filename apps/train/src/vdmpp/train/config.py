@@ -9,6 +9,7 @@ a TOML literal is taken as a bare string (``--set out=runs/x``). Nothing is ever
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass, field, fields
@@ -160,6 +161,7 @@ class Config:
     # ------------------------------------------------------------------------------------------
     def validate(self) -> Config:
         """Raise :class:`ConfigError` naming the first bad key; return self when all is well."""
+        _check_finite(self, "")  # inf/nan pass `> 0` checks and then train nothing
         _check(self.steps >= 1, "steps", self.steps, "must be >= 1")
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, ("auto", "cpu", "cuda"))
@@ -267,6 +269,24 @@ class Config:
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"config: {key} = {value!r} {why}")
+
+
+def _check_finite(node: Any, key: str) -> None:
+    """Every float of the config (nested tables and arrays too) must be finite."""
+    if dataclasses.is_dataclass(node):
+        for f in fields(node):
+            sub = getattr(node, f.name)
+            dot = "." if dataclasses.is_dataclass(sub) else ""
+            _check_finite(sub, f"{key}{f.name}{dot}")
+        return
+    if isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"config: {key} = {node!r} must be a finite number")
+    if isinstance(node, list | tuple):
+        for i, x in enumerate(node):
+            _check_finite(x, f"{key}[{i}]")
+    elif isinstance(node, dict):
+        for k, x in node.items():
+            _check_finite(x, f"{key}.{k}")
 
 
 def _choice(key: str, value: Any, options: tuple[Any, ...]) -> None:
@@ -385,9 +405,14 @@ def load(spec: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     """Read a TOML config (path or shipped name), apply ``--set`` overrides, validate."""
     path = resolve_path(spec)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML files are UTF-8): {e.reason} at byte "
+                          f"{e.start}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     for assignment in overrides:
         apply_override(raw, assignment)
     return from_dict(raw).validate()
@@ -399,8 +424,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):  # a TOML basic string: JSON's escapes are TOML's, plus DEL
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):

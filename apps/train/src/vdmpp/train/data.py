@@ -92,14 +92,30 @@ def digits_images(resolution: int = 16, split: str = "train") -> tuple[np.ndarra
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    with np.load(path, allow_pickle=False) as z:
-        keys = set(z.files)
-        ik = next((k for k in ("images", "x", "arr_0") if k in keys), None)
-        if ik is None:
-            raise ConfigError(f"{path}: no 'images' (or 'x', 'arr_0') array; has {sorted(keys)}")
-        images = z[ik]
-        lk = next((k for k in ("labels", "y", "arr_1") if k in keys), None)
-        labels = z[lk].astype(np.int64) if lk else None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            ik = next((k for k in ("images", "x", "arr_0") if k in keys), None)
+            if ik is None:
+                raise ConfigError(
+                    f"{path}: no 'images' (or 'x', 'arr_0') array; has {sorted(keys)}"
+                )
+            images = z[ik]
+            lk = next((k for k in ("labels", "y", "arr_1") if k in keys), None)
+            labels = z[lk] if lk else None
+    except ConfigError:
+        raise
+    except Exception as e:  # object arrays (pickles, refused), torn zips, not an npz at all
+        raise ConfigError(f"{path}: not a readable .npz of numeric arrays (pickled object "
+                          f"arrays are refused): {str(e).splitlines()[0][:200]}") from None
+    if images.dtype.kind not in "uif" or (labels is not None and labels.dtype.kind not in "ui"):
+        raise ConfigError(f"{path}: images must be numbers and labels integers, got "
+                          f"{images.dtype} / {None if labels is None else labels.dtype}")
+    if labels is not None:
+        labels = labels.astype(np.int64)
+        if labels.ndim != 1 or len(labels) != len(images) or (len(labels) and labels.min() < 0):
+            raise ConfigError(f"{path}: labels must be {len(images)} integers >= 0, got "
+                              f"shape {labels.shape}")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4:
@@ -201,9 +217,13 @@ def write_shards(
 
             def gen() -> Iterator[tuple[np.ndarray, int | None]]:
                 for f, label in files:
-                    with Image.open(f) as im:
-                        im = _resize(im.convert("L" if im.mode == "L" else "RGB"), resolution)
-                        arr = np.asarray(im)
+                    try:
+                        with Image.open(f) as im:
+                            im = _resize(im.convert("L" if im.mode == "L" else "RGB"), resolution)
+                            arr = np.asarray(im)
+                    except (OSError, ValueError, Image.DecompressionBombError) as e:
+                        raise ConfigError(f"shards: {f}: not a readable image ({e}); remove "
+                                          "or replace it") from None
                     yield (arr[..., None] if arr.ndim == 2 else arr), label
 
             items = gen()

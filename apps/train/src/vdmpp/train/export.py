@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -246,7 +247,81 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     for key in ("model", "parameterization", "process", "sigma_data", "resolution", "channels"):
         if key not in meta:
             raise ExportError(f"{meta_path}: missing {key!r}")
+    _check_fields(meta, meta_path)
     return meta
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_fields(meta: dict[str, Any], where: Path) -> None:
+    """Types and ranges of ``model.json`` (a bad field is an ExportError, not a traceback)."""
+    model = meta["model"]
+    checks = [
+        ("model", isinstance(model, dict) and isinstance(model.get("name"), str)
+         and isinstance(model.get("overrides", {}), dict), 'an object {"name": str, "overrides"}'),
+        ("parameterization", meta["parameterization"] in ("eps", "x", "v", "edm"),
+         "one of eps, x, v, edm"),
+        ("process", meta["process"] in ("vp", "ve"), "vp or ve"),
+        ("sigma_data", _number(meta["sigma_data"]) and meta["sigma_data"] > 0, "a number > 0"),
+        ("resolution", _int(meta["resolution"]) and 1 <= meta["resolution"] <= 8192,
+         "an integer in [1, 8192]"),
+        ("channels", _int(meta["channels"]) and 1 <= meta["channels"] <= 4, "1, 2, 3 or 4"),
+        ("num_classes", meta.get("num_classes") is None
+         or (_int(meta["num_classes"]) and meta["num_classes"] >= 1), "null or an integer >= 1"),
+        ("data_range", isinstance(meta.get("data_range", [-1, 1]), list)
+         and len(meta.get("data_range", [-1, 1])) == 2
+         and all(_number(x) for x in meta.get("data_range", [-1, 1]))
+         and meta.get("data_range", [-1, 1])[0] < meta.get("data_range", [-1, 1])[1],
+         "[lo, hi] with lo < hi"),
+        ("logsnr_min/logsnr_max", all(_number(meta.get(k, 0.0)) for k in
+                                      ("logsnr_min", "logsnr_max")), "finite numbers"),
+        ("step", meta.get("step") is None or (_int(meta["step"]) and meta["step"] >= 0),
+         "an integer >= 0"),
+        ("weights_sha256", meta.get("weights_sha256") is None
+         or (isinstance(meta["weights_sha256"], str) and len(meta["weights_sha256"]) == 64),
+         "a sha256 hex digest"),
+    ]  # fmt: skip
+    for key, ok, what in checks:
+        if not ok:
+            raise ExportError(f"{where}: {key} must be {what}, got "
+                              f"{json.dumps(meta.get(key.split('/')[0]))[:100]}")  # fmt: skip
+
+
+def _build(meta: dict[str, Any], weights: Path) -> nn.Module:
+    try:
+        return build_model(meta)
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as e:
+        raise ExportError(f"{weights.with_name(META)}: cannot build the model it describes: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _check_header(weights: Path, meta: dict[str, Any]) -> None:
+    """Compare the tensor names and shapes of the safetensors header with the model that
+    ``model.json`` describes, built on the meta device (no memory): a model.json asking for a
+    huge model is refused before anything is allocated."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), "pt", device="cpu") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExportError(f"{weights}: not a readable safetensors file: {e}") from None
+    with torch.device("meta"):
+        model = _build(meta, weights)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if want != shapes:
+        diff = sorted(set(want) ^ set(shapes)) or [k for k in want if want[k] != shapes[k]]
+        raise ExportError(
+            f"{weights}: weights do not match the model in {META} ({len(want)} tensors wanted, "
+            f"{len(shapes)} stored; first difference: {diff[0]!r}: "
+            f"{want.get(diff[0])} vs {shapes.get(diff[0])})"
+        )
 
 
 def verify_weights(weights: str | Path, meta: dict[str, Any]) -> None:
@@ -291,11 +366,12 @@ def load_exported(
     weights, _ = _locate(path)
     meta = read_meta(weights)
     verify_weights(weights, meta)
+    _check_header(weights, meta)  # before any memory is spent on the model model.json names
     try:
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise ExportError(f"{weights}: not a readable safetensors file: {e}") from None
-    model = build_model(meta)
+    model = _build(meta, weights)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -247,6 +247,11 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
+        bad = next((q for q in (self.out, *self.out.parents) if q.exists() and not q.is_dir()),
+                   None)  # fmt: skip
+        if bad is not None:
+            raise ConfigError(f"config: out = {cfg.out!r}: {bad} is a file, not a directory; "
+                              "choose another --set out=...")  # fmt: skip
         self.per_device, self.accum = cfg.micro_batches(d.world)
         self.num_slots = d.world * self.accum
         self.slots = [m * d.world + d.rank for m in range(self.accum)]
