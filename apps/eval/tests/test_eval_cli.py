@@ -167,3 +167,36 @@ def test_plot_no_progress(tmp_path, capsys) -> None:
     assert main(["plot", "--out", str(tmp_path), "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
     assert (tmp_path / "schedules.png").is_file() and (tmp_path / "weightings.png").is_file()
+
+
+# --- the one grid writer (vdmpp.train.grid), shared by training previews and `sample` -----------
+def test_grid_columns_are_classes_and_upscaled() -> None:
+    from vdmpp.train.grid import image_grid
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, size=37)
+    images = (labels[:, None, None, None] * 20 + 5).astype(np.uint8) * np.ones((1, 8, 8, 1),
+                                                                               np.uint8)
+    g = image_grid(images, labels=labels, num_classes=10)
+    scale = 8  # an 8×8 digit becomes 64×64
+    rows = int(np.bincount(labels, minlength=10).max())
+    assert g.shape == ((rows * 9 + 1) * scale, (10 * 9 + 1) * scale, 1)
+    for k in range(10):
+        for r in range(int((labels == k).sum())):
+            y, x = (1 + r * 9) * scale, (1 + k * 9) * scale
+            assert (g[y : y + 8 * scale, x : x + 8 * scale] == k * 20 + 5).all(), (k, r)
+    with pytest.raises(ValueError, match="class indices"):
+        image_grid(images, labels=labels + 5, num_classes=10)
+
+
+def test_sample_grid_has_classes_as_columns_and_a_caption(export_dir, tmp_path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "s"
+    assert main(["sample", str(export_dir), "--seeds", "0-19", "--steps", "2", "--out", str(out),
+                 "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    with Image.open(out / "grid.png") as im:
+        caption = im.text["Description"]
+        width = im.width
+    assert "heun 2 steps" in caption and "seeds 0-19" in caption and "columns = classes" in caption
+    assert width == (10 * 9 + 1) * 8  # ten class columns of upscaled 8×8 digits

@@ -252,7 +252,7 @@ def test_recipe_trains_on_digits_from_the_cli(recipe, cli, small, tmp_path) -> N
 
     run = tmp_path / "run"
     args = ["digits", "--set", "steps=40", "--set", f"out={run}", "--set", "checkpoint.every=40"]
-    for s in [*small, *RECIPES[recipe]]:
+    for s in [*small, *RECIPES[recipe], "sample.every=40", "sample.count=20", "sample.steps=3"]:
         args += ["--set", s]
     r = cli(args, cwd=Path(__file__).resolve().parents[3])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -265,3 +265,9 @@ def test_recipe_trains_on_digits_from_the_cli(recipe, cli, small, tmp_path) -> N
     assert meta["schedule"]["name"] == dict(s.split("=", 1) for s in RECIPES[recipe])[
         "objective.schedule"]  # fmt: skip
     assert meta["parameterization"] == ("edm" if recipe == "edm" else "v")
+    # the preview goes through the one grid writer: classes as columns, upscaled, captioned
+    from PIL import Image
+
+    with Image.open(run / "samples" / "step-000000040.png") as im:
+        assert "step 40" in im.text["Description"] and "heun 3 steps" in im.text["Description"]
+        assert im.width == (10 * 9 + 1) * 8

@@ -151,7 +151,11 @@ def cmd_sample(a: argparse.Namespace) -> dict[str, Any]:
         dist.barrier()
     result = {"out": str(out), "images": len(seeds), "rank": rank, "world": world, **stats}
     if rank == 0:
-        result["samples"] = str(assemble(out, seeds, chunk=a.chunk, grid=a.grid))
+        caption = (f"{Path(a.checkpoint).name} step {meta.get('step')}, {a.sampler} "
+                   f"{a.steps} steps ({stats.get('nfe') or '?'} NFE), seeds {seeds[0]}-{seeds[-1]}"
+                   + (", columns = classes" if meta.get("num_classes") else ""))  # fmt: skip
+        result["samples"] = str(assemble(out, seeds, chunk=a.chunk, grid=a.grid,
+                                         num_classes=meta.get("num_classes"), caption=caption))
         result["grid"] = str(out / "grid.png") if a.grid else None
     if world > 1:
         dist.barrier()

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .model import EvalError, denoiser_for, to_uint8
 
@@ -149,9 +148,9 @@ def generate(
     """(uint8 images [n, H, W, C], labels or None, NFE per image) for ``seeds``."""
     from vdmpp.samplers import PerSampleGenerator, guided
 
+    spec.validate(meta)
     if batch_size < 1:
         raise EvalError(f"--batch must be >= 1, got {batch_size}")
-    spec.validate(meta)
     device = torch.device(device)
     shape = (int(meta["channels"]), int(meta["resolution"]), int(meta["resolution"]))
     labels = labels_for(seeds, meta, spec)
@@ -252,9 +251,9 @@ def run_shard(
     progress: bool = False,
 ) -> dict[str, int]:
     """Draw this rank's chunks that are not on disk yet; return {"done", "skipped", "nfe"}."""
+    out = Path(out)
     if batch_size < 1:
         raise EvalError(f"--batch must be >= 1, got {batch_size}")
-    out = Path(out)
     mine = shard_chunks(seeds, chunk, rank, world)
     todo = [c for c in mine if not _chunk_done(_chunk_path(out, c), c)]
     skipped = sum(len(c) for c in mine) - sum(len(c) for c in todo)
@@ -280,8 +279,10 @@ def run_shard(
     return {"done": sum(len(c) for c in todo), "skipped": skipped, "nfe": nfe}
 
 
-def assemble(out: str | Path, seeds: Sequence[int], chunk: int = 500, grid: int = 64) -> Path:
-    """Gather every chunk of ``seeds`` into ``samples.npz`` (+ ``grid.png``); return its path."""
+def assemble(out: str | Path, seeds: Sequence[int], chunk: int = 500, grid: int = 64, *,
+             num_classes: int | None = None, caption: str | None = None) -> Path:
+    """Gather every chunk of ``seeds`` into ``samples.npz`` (+ ``grid.png``, columns = classes
+    when ``num_classes``; ``caption`` above it); return its path."""
     out = Path(out)
     images, labels, have_labels = [], [], True
     for i in range(0, len(seeds), chunk):
@@ -299,24 +300,18 @@ def assemble(out: str | Path, seeds: Sequence[int], chunk: int = 500, grid: int 
         arrays["labels"] = np.concatenate(labels)
     _write_npz(out / "samples.npz", **arrays)
     if grid > 0:
-        save_grid(arrays["images"][:grid], out / "grid.png")
+        from vdmpp.train.grid import save_grid as write_grid
+
+        labels_g = arrays["labels"][:grid] if have_labels and num_classes else None
+        write_grid(arrays["images"][:grid], out / "grid.png", labels=labels_g,
+                   num_classes=num_classes if labels_g is not None else None, caption=caption)
     return out / "samples.npz"
 
 
 def save_grid(
     images: np.ndarray, path: str | Path, cols: int | None = None, scale: int = 0
 ) -> Path:
-    """uint8 [N, H, W, C] → one PNG grid (1-pixel gaps), upscaled so small images stay visible."""
-    n, h, w, c = images.shape
-    cols = cols or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / cols)
-    scale = scale or max(1, 64 // max(h, w))
-    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
-    for k in range(n):
-        r, q = divmod(k, cols)
-        y0, x0 = 1 + r * (h + 1), 1 + q * (w + 1)
-        canvas[y0 : y0 + h, x0 : x0 + w] = images[k]
-    canvas = canvas.repeat(scale, 0).repeat(scale, 1)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
-    return Path(path)
+    """uint8 [N, H, W, C] → one PNG grid, upscaled (``vdmpp.train.grid``: the one writer)."""
+    from vdmpp.train.grid import save_grid as write_grid
+
+    return write_grid(images, path, cols=cols, scale=scale)

@@ -124,21 +124,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_grid(images: Tensor, path: Path, nrow: int | None = None) -> None:
-    """[-1, 1] images [N, C, H, W] → one PNG grid."""
-    from PIL import Image
+def _save_grid(images: Tensor, path: Path, **kw: Any) -> None:
+    """[-1, 1] images [N, C, H, W] → one PNG grid (vdmpp.train.grid, shared with vdmpp-eval)."""
+    from .grid import save_grid
 
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    n, c, h, w = x.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    grid = torch.zeros(c, rows * (h + 2) + 2, nrow * (w + 2) + 2, dtype=torch.uint8)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + k * (w + 2) : 2 + k * (w + 2) + w] = x[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
+    save_grid(images, path, **kw)
 
 
 class _DataWaitInterrupted(Exception):
@@ -603,7 +593,9 @@ class Trainer:
         x = heun(den, noise, sigmas.to(dev), extra_args={"class_labels": labels},
                  check_finite=False)  # fmt: skip
         path = self.out / "samples" / f"step-{self.step:09d}.png"
-        _save_grid(x, path, nrow=max(cfg.data.num_classes or 0, 1) if labels is not None else None)
+        _save_grid(x, path, labels=labels, num_classes=cfg.data.num_classes,
+                   caption=f"{cfg.name} step {self.step}, EMA, heun {s.steps} steps"
+                   + (", columns = classes" if labels is not None else ""))  # fmt: skip
         return path
 
     # --- the loop -------------------------------------------------------------------------------
