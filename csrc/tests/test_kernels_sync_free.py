@@ -151,8 +151,8 @@ def test_training_step_has_no_host_sync(kernels_mode, schedule):
 
 @pytest.mark.parametrize("name", ["heun", "edm_stochastic", "euler"])
 def test_sampling_loop_has_no_host_sync_beyond_the_finite_check(kernels_mode, name):
-    """check_finite=False: nothing. check_finite=True on CPU: exactly one host read per
-    denoiser evaluation and one for the noise (the documented check), no other."""
+    """check_finite=False: nothing. check_finite=True on CPU: exactly one host read per step
+    (the denoiser outputs are checked through the step's result) and one for the noise."""
     import vdmpp.samplers as S
 
     net = _TinyEps().eval()
@@ -169,7 +169,7 @@ def test_sampling_loop_has_no_host_sync_beyond_the_finite_check(kernels_mode, na
         _, info = sampler(D, noise, sigmas, generator=g, check_finite=True, return_info=True, **kw)
     assert rec.unexpected() == []
     reads = [e for e in rec.events if e[0] == "aten::_local_scalar_dense"]
-    assert len(reads) == info.nfe + 1 and len(rec.events) == len(reads)
+    assert len(reads) == info.steps + 1 and len(rec.events) == len(reads)
 
 
 def test_cpu_only_guards_skip_accelerator_tensors():

@@ -311,3 +311,44 @@ def test_all_finite_equals_isfinite_all(dtype):
     both = torch.tensor([float("inf"), -float("inf")], dtype=dtype)  # inf − inf = NaN: caught
     assert not _step.all_finite(both)
     assert _step.all_finite(torch.empty(0, dtype=dtype))
+
+
+# --- the finite check runs once per step, and still names the evaluation ----------------------
+@pytest.mark.parametrize("name", ["heun", "edm_stochastic", "euler"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("use_kernels", [False, None])
+def test_deferred_check_names_the_failing_evaluation(name, bad, use_kernels):
+    """A non-finite value in exactly one denoiser output, for every evaluation k: the error
+    names evaluation k, its step and σ, as an eager per-output check would."""
+    sampler = {"heun": heun, "edm_stochastic": edm_stochastic, "euler": euler}[name]
+    kw = {"churn": 10.0, "generator": torch.Generator().manual_seed(0)}
+    kw = kw if name == "edm_stochastic" else {}
+    noise = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1))
+    nfe = sampler(denoiser, noise, karras_sigmas(5), return_info=True, **kw)[1].nfe
+    for k in range(1, nfe + 1):
+        seen = []
+
+        def D(x, sigma, k=k, seen=seen):
+            seen.append(float(sigma[0]))
+            out = denoiser(x, sigma)
+            if len(seen) == k:
+                out = out.clone()
+                out[1, 2, 3] = bad
+            return out
+
+        if name == "edm_stochastic":
+            kw["generator"] = torch.Generator().manual_seed(0)
+        with pytest.raises(FloatingPointError, match=rf"evaluation {k}\)") as err:
+            sampler(D, noise, karras_sigmas(5), use_kernels=use_kernels, **kw)
+        assert f"sigma={seen[k - 1]:g}" in str(err.value)
+        assert len(seen) <= k + 1  # raised by the end of the step that consumed it
+
+
+def test_deferred_check_reports_overflow_in_the_step():
+    """A finite (float32) denoiser output whose step overflows the float16 sample: an error
+    naming the step (the per-output check passed it silently)."""
+    noise = torch.randn(2, 8, generator=torch.Generator().manual_seed(2)).half()
+    far = lambda x, sigma: x.float() - 6e4 * sigma.view(-1, 1).float()  # finite in float32
+    with pytest.raises(FloatingPointError, match=r"step 0 .*overflow in the step"):
+        euler(far, noise, [80.0, 10.0])
+    assert torch.isinf(euler(far, noise, [80.0, 10.0], check_finite=False)).all()

@@ -153,12 +153,19 @@ class _Stepper:
     D₁ and σ's reuses them (:func:`_correct_from`) instead of re-deriving them.
     """
 
-    __slots__ = ("K", "_euler", "fused")
+    __slots__ = ("K", "_euler", "ev", "fused", "second_order")
 
-    def __init__(self, K) -> None:
+    def __init__(self, K, ev=None, second_order: bool = True) -> None:
         self.K = K
         self.fused = 0  # calls the fused kernels served
         self._euler: tuple | None = None
+        # ev (the sampler's _Evaluator, CPU check_finite): its NaN/inf check of the denoiser
+        # outputs is deferred to the result of the step that consumed them (one reduction per
+        # step, not per evaluation): the correction, or an Euler step no correction follows.
+        self.ev = ev
+        self.second_order = second_order
+        if ev is not None:
+            ev.deferred = True
 
     def churn(self, x: Tensor, noise: Tensor, t: float, t_hat: float, s_noise: float) -> Tensor:
         K = self.K
@@ -175,6 +182,15 @@ class _Stepper:
         t_hat: float,
         t_next: float,
     ) -> Tensor:
+        out = self._step(x_hat, denoised, denoised_next, t_hat, t_next)
+        ev = self.ev
+        if ev is not None and (
+            denoised_next is not None or not self.second_order or t_next == 0
+        ):
+            ev.check_step(out)  # this step's result covers every output it consumed
+        return out
+
+    def _step(self, x_hat, denoised, denoised_next, t_hat, t_next) -> Tensor:
         euler, self._euler = self._euler, None
         K = self.K
         if K is not None and K.can_use("heun_step", x_hat, denoised, denoised_next):
@@ -197,8 +213,9 @@ class _Stepper:
         return heun_step(x_hat, denoised, denoised_next, t_hat, t_next)
 
 
-def _ops(enabled: bool):
+def _ops(enabled: bool, ev=None, second_order: bool = True):
     """(churn, heun_step) for one sampling call: per-call kernel dispatch when ``enabled``
-    (see :class:`_Stepper`), else the references (still reusing the Euler intermediate)."""
-    stepper = _Stepper(_load_kernels() if enabled else None)
+    (see :class:`_Stepper`), else the references (still reusing the Euler intermediate); with
+    ``ev`` the denoiser-output checks run once per step on its result."""
+    stepper = _Stepper(_load_kernels() if enabled else None, ev, second_order)
     return stepper.churn, stepper.heun_step

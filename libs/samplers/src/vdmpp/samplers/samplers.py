@@ -18,8 +18,10 @@
 * ``progress=True``: a tqdm bar over the steps (with the NFE so far) when tqdm is installed;
   silent otherwise (tqdm is optional, never a dependency).
 * ``check_finite=True``: a NaN/inf from the denoiser is an error. On the CPU every denoiser output
-  is checked (the error names the step); on accelerators the result is checked once at the end
-  (one host sync per sampling call, none inside the loop). Shape mismatches between the denoiser
+  is checked (the error names the step and evaluation) — in the EDM samplers through the result
+  of the step that consumed it, which NaN/inf always reaches: one reduction per step; on
+  accelerators the result is checked once at the end (one host sync per sampling call, none
+  inside the loop). Shape mismatches between the denoiser
   output and ``x`` are always errors (no sync needed).
 
 All samplers run under ``torch.no_grad()``.
@@ -102,6 +104,10 @@ class _Evaluator:
         self.check_nan = _checks_on(x, check)
         self.sigma_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         self.nfe = 0
+        # deferred=True (the EDM loop, via _step._Stepper): the outputs a step consumed are
+        # checked through that step's result, one reduction per step instead of one per NFE
+        self.deferred = False
+        self.pending: list[tuple[Tensor, int, float, int]] = []
 
     def __call__(self, x: Tensor, sigma: float, i: int) -> Tensor:
         s = torch.full((x.shape[0],), sigma, device=x.device, dtype=self.sigma_dtype)
@@ -113,11 +119,34 @@ class _Evaluator:
                 f"denoiser returned {got} for an input of shape {tuple(x.shape)} "
                 f"(step {i}, sigma={sigma:g}); it must return a tensor shaped like x"
             )
-        if self.check_nan and not all_finite(d):  # one reduction, one scalar read
-            raise FloatingPointError(
-                f"denoiser returned NaN/inf at step {i} (sigma={sigma:g}, evaluation {self.nfe})"
-            )
+        if self.check_nan:
+            if self.deferred:
+                self.pending.append((d, i, sigma, self.nfe))
+            elif not all_finite(d):  # one reduction, one scalar read
+                self._raise(i, sigma, self.nfe)
         return d
+
+    @staticmethod
+    def _raise(i: int, sigma: float, nfe: int) -> None:
+        raise FloatingPointError(
+            f"denoiser returned NaN/inf at step {i} (sigma={sigma:g}, evaluation {nfe})"
+        )
+
+    def check_step(self, out: Tensor, i: int | None = None) -> None:
+        """Deferred check: ``out`` was computed from every pending output, and NaN/inf in any of
+        them reaches it (the step only adds, subtracts, scales by non-zero σ's), so one finite
+        ``out`` clears them all; otherwise name the first non-finite one, as the eager check."""
+        pending, self.pending = self.pending, []
+        if not self.check_nan or all_finite(out):
+            return
+        i = i if i is not None else (pending[-1][1] if pending else -1)
+        for d, j, sigma, nfe in pending:
+            if not all_finite(d):
+                self._raise(j, sigma, nfe)
+        raise FloatingPointError(
+            f"the sample became NaN/inf at step {i} although the denoiser's outputs were finite "
+            "(overflow in the step)"
+        )
 
 
 def _start(noise: Tensor, sigmas: Any, check_finite: bool) -> tuple[list[float], Tensor]:
@@ -129,6 +158,8 @@ def _start(noise: Tensor, sigmas: Any, check_finite: bool) -> tuple[list[float],
 
 
 def _finish(x: Tensor, ev: _Evaluator, steps: int, kernels: bool, return_info: bool, check: bool):
+    if ev.pending:  # deferred outputs no step result has covered (none in the EDM loop)
+        ev.check_step(x, steps - 1)
     final_check = check and not ev.check_nan and not torch.compiler.is_compiling()
     if final_check and not all_finite(x):  # the one host sync, after the loop
         raise FloatingPointError(
@@ -170,7 +201,7 @@ def _edm(
     n = len(ts) - 1
     ev = _Evaluator(denoiser, x, extra_args, check_finite)
     enabled = _kernels_enabled(x, use_kernels)
-    churn_op, step_op = _ops(enabled)
+    churn_op, step_op = _ops(enabled, ev if ev.check_nan else None, second_order)
     gamma_max = min(churn / n, math.sqrt(2.0) - 1.0)
     for i in _progress(range(n), progress, "sampling", n, ev):
         t_cur, t_next = ts[i], ts[i + 1]
