@@ -1,4 +1,4 @@
-// CPU kernels of vdmpp::heun_step and vdmpp::churn (EDM, seed 003, Alg. 1/2).
+// CPU kernels of vdmpp::heun_step and vdmpp::churn (EDM, EDM, Alg. 1/2).
 //
 // Each output element is computed in float32 in exactly the order of the PyTorch reference
 // (vdmpp.samplers._step), and the build disables FMA contraction (-ffp-contract=off), so float32

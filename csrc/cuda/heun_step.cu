@@ -1,4 +1,4 @@
-// CUDA kernels of vdmpp::heun_step and vdmpp::churn (EDM, seed 003, Alg. 1/2).
+// CUDA kernels of vdmpp::heun_step and vdmpp::churn (EDM, EDM, Alg. 1/2).
 //
 // Operands share one dense memory layout (same strides: row-major, channels_last, ...), so the
 // kernels loop over memory flat. Memory-bound elementwise: each thread moves 16 bytes per operand per iteration (float4 for

@@ -25,7 +25,7 @@ def test_train_shipped_config_parses_and_builds(name: str) -> None:
 
 
 def test_train_paper_settings_imagenet64() -> None:
-    """Seed 000 App. H, ImageNet 64×64."""
+    """VDM++ App. H, ImageNet 64×64."""
     cfg = C.load("imagenet64")
     assert cfg.model.name == "adm64" and cfg.batch.global_size == 4096
     assert cfg.batch.per_device == 32 and cfg.steps == 700_000

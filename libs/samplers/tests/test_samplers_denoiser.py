@@ -1,6 +1,6 @@
 """as_denoiser against exact λ-conditioned models in every parameterization, and guidance.
 
-The exact models are written from the definitions of seed 000 App. E.2 / D.2 / D.3 (forward
+The exact models are written from the definitions of VDM++ App. E.2 / D.2 / D.3 (forward
 direction: x̂ → network output), independently of the adapter's inverse formulas:
 z = αx + σε, ε = (z − αx)/σ, v = αε − σx, score = −ε/σ, o = x − ε, and F of eq. 120.
 """

@@ -63,7 +63,7 @@ def mixture_denoiser(weights, means, stds):
 
 
 def alg2_reference(D, noise, ts, churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, gen=None):
-    """Seed 003 Algorithm 2 (Algorithm 1 when churn = 0), transcribed line by line in float64."""
+    """EDM Algorithm 2 (Algorithm 1 when churn = 0), transcribed line by line in float64."""
     n = len(ts) - 1
     x = noise * ts[0]
     nfe = 0
@@ -162,7 +162,7 @@ def test_ddim_is_euler_in_edm_units():
 
 
 def ddpm_reference_vp(D, noise, ts, gen):
-    """Seed 004 eq. 28, the ancestral step p(z_s | z_t), written naively in VP units (float64).
+    """VDM eq. 28, the ancestral step p(z_s | z_t), written naively in VP units (float64).
 
     α² = 1/(1 + σ²), σ_vp = σ·α for EDM's σ; α_{t|s} = α_t/α_s, σ²_{t|s} = σ_t² − α_{t|s}²σ_s²;
     μ = α_{t|s}σ_s²/σ_t²·z_t + α_s σ²_{t|s}/σ_t²·x̂, var = σ²_{t|s}σ_s²/σ_t²; x = z/α.

@@ -1,4 +1,4 @@
-"""VDM++'s adaptive schedule (seed 000 App. F/H): the pure-PyTorch reference."""
+"""VDM++'s adaptive schedule (VDM++ App. F/H): the pure-PyTorch reference."""
 
 from __future__ import annotations
 

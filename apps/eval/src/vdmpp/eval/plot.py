@@ -1,4 +1,4 @@
-"""``vdmpp-eval plot``: schedules as p(λ) and weightings as w(λ) (seed 000 Figures 2–3), and a
+"""``vdmpp-eval plot``: schedules as p(λ) and weightings as w(λ) (VDM++ Figures 2–3), and a
 training run's adaptive density and per-λ-bin loss from its ``metrics.jsonl``. PNG files."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _grid(n: int = 601) -> torch.Tensor:
 
 
 def plot_schedules(path: str | Path) -> Path:
-    """p(λ) of VDM++ Table 4's schedules (cf. seed 000 Fig. 2)."""
+    """p(λ) of VDM++ Table 4's schedules (cf. VDM++ Fig. 2)."""
     import vdmpp.schedules as S
 
     plt = _plt()
@@ -53,7 +53,7 @@ def plot_schedules(path: str | Path) -> Path:
 
 
 def plot_weightings(path: str | Path) -> Path:
-    """w(λ) of VDM++ Table 1's weightings, normalised to max 1 on the grid (cf. seed 000 Fig. 3)."""
+    """w(λ) of VDM++ Table 1's weightings, normalised to max 1 on the grid (cf. VDM++ Fig. 3)."""
     from vdmpp.losses import weightings as W
 
     plt = _plt()

@@ -1,6 +1,6 @@
 """vdmpp-samplers: EDM's Heun and stochastic samplers, DDPM ancestral, DDIM, Euler, and CFG.
 
-Every sampler drives a denoiser D(x, sigma) -> x0_hat in EDM's units (seed 003); ``as_denoiser``
+Every sampler drives a denoiser D(x, sigma) -> x0_hat in EDM's units (EDM); ``as_denoiser``
 adapts a λ-conditioned VP/VE model to it and ``from_discrete`` a timestep-conditioned
 DDPM/diffusers one. Sampling from a list of seeds with :class:`PerSampleGenerator` makes image k
 depend on seed k only.

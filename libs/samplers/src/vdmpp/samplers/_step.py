@@ -1,4 +1,4 @@
-"""The elementwise part of EDM's samplers (seed 003, Algorithms 1 and 2), and the kernel hook.
+"""The elementwise part of EDM's samplers (EDM, Algorithms 1 and 2), and the kernel hook.
 
 ``churn`` and ``heun_step`` are the pure-PyTorch references of the fused ops in
 ``vdmpp.kernels`` (``vdmpp::heun_step``): same names, same argument order, same semantics. They

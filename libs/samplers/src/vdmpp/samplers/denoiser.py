@@ -1,6 +1,6 @@
 """Denoisers in EDM's units, adapters from λ-conditioned models, and classifier-free guidance.
 
-A denoiser is ``D(x, sigma, **kwargs) -> x0_hat`` (seed 003 §2): ``x = data + sigma·n`` with
+A denoiser is ``D(x, sigma, **kwargs) -> x0_hat`` (EDM §2): ``x = data + sigma·n`` with
 ``x`` of shape ``[B, ...]`` and ``sigma`` of shape ``[B]`` (samplers pass a float32 tensor, or
 float64 when ``x`` is float64), returning the data estimate, shaped like ``x``.
 """
@@ -37,9 +37,9 @@ def _sigma_column(sigma: Tensor | float, x: Tensor) -> Tensor:
 class ModelDenoiser:
     """D(x; σ) from a λ-conditioned network ``model(z, logsnr, class_labels=None)``.
 
-    Scaling (seed 003 eq. 4 / Table 1, seed 000 App. E.4): λ = −2 log σ, and the network sees
+    Scaling (EDM eq. 4 / Table 1, VDM++ App. E.4): λ = −2 log σ, and the network sees
     z = α·x with (α, σ_p) = ``vp(λ)`` (α = 1/√(1+σ²), σ_p = σ·α) or ``ve(λ)`` (α = 1, σ_p = σ).
-    Its output ``o`` becomes the data estimate x̂ by the definitions of seed 000 App. E.2:
+    Its output ``o`` becomes the data estimate x̂ by the definitions of VDM++ App. E.2:
 
     ========  =========================================  ===========================================
     name      the network predicts                       x̂
@@ -49,11 +49,11 @@ class ModelDenoiser:
     v         v = αε − σ_p x (D.2)                        (α z − σ_p·o)/(α² + σ_p²)
     score     ∇_z log q(z) = −ε/σ_p (eq. 109)             (z + σ_p²·o)/α
     flow      o = x − ε (D.3, eq. 72)                     (z + σ_p·o)/(α + σ_p)
-    edm       EDM's F (seed 003 eq. 7, σ_d=sigma_data)   σ_d²/(σ²+σ_d²)·z/α + σσ_d/√(σ²+σ_d²)·o
+    edm       EDM's F (EDM eq. 7, σ_d=sigma_data)   σ_d²/(σ²+σ_d²)·z/α + σσ_d/√(σ²+σ_d²)·o
     ========  =========================================  ===========================================
 
     (σ without subscript is EDM's σ = e^{−λ/2}. The ``edm`` row is EDM's c_skip, c_out applied
-    to z/α = x + σε, EDM's own units (seed 003 eq. 4); seed 000 eq. 119 prints α on the wrong
+    to z/α = x + σε, EDM's own units (EDM eq. 4); VDM++ eq. 119 prints α on the wrong
     side of z. vdmpp.models.Preconditioned and vdmpp.losses use the same form.) The full set of
     conversions lives in vdmpp.losses; this is the one-way map a sampler needs.
     The arithmetic runs in float32 (float64 for float64 inputs) and x̂ is cast to x's dtype.
@@ -99,7 +99,7 @@ class ModelDenoiser:
             x0 = (zc + sig * sig * o) / alpha
         elif p == "flow":
             x0 = (zc + sig * o) / (alpha + sig)
-        else:  # edm: D = c_skip·z/α + c_out·F (seed 003 eq. 7, Table 1)
+        else:  # edm: D = c_skip·z/α + c_out·F (EDM eq. 7, Table 1)
             c_skip, c_out, _, _ = edm_coefficients_logsnr(lam, self.sigma_data)
             x0 = c_skip * (zc / alpha) + c_out * o
         return x0.to(x.dtype)

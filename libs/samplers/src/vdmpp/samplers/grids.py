@@ -1,4 +1,4 @@
-"""σ grids for the samplers: EDM's ρ-schedule (seed 003 eq. 5) and any vdmpp.schedules schedule.
+"""σ grids for the samplers: EDM's ρ-schedule (EDM eq. 5) and any vdmpp.schedules schedule.
 
 A grid is a 1-D float64 CPU tensor σ₀ > σ₁ > … > σ_{N−1} > σ_N = 0 (N steps), in EDM's units
 (x = data + σ·n, σ = e^{−λ/2}).
@@ -17,7 +17,7 @@ __all__ = ["karras_sigmas", "sigmas_from_schedule"]
 def karras_sigmas(
     n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
 ) -> Tensor:
-    """EDM's grid (seed 003 eq. 5): σ_i = (σ_max^{1/ρ} + i/(n−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ.
+    """EDM's grid (EDM eq. 5): σ_i = (σ_max^{1/ρ} + i/(n−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ.
 
     Returns n+1 values: the n noise levels from σ_max to σ_min, then σ_N = 0.
     """
@@ -40,7 +40,7 @@ def sigmas_from_schedule(schedule: NoiseSchedule, n: int) -> Tensor:
     """n noise levels at t = 1, (n−2)/(n−1), …, 0 of a schedule (λ_min … λ_max), then σ = 0.
 
     σ_i = e^{−λ(t_i)/2} with t_i = 1 − i/(n−1), so ``sigmas_from_schedule(EDMSampling(), n)``
-    equals ``karras_sigmas(n)``; with ``Cosine()`` it is the DDPM grid of seed 000 §5.
+    equals ``karras_sigmas(n)``; with ``Cosine()`` it is the DDPM grid of VDM++ §5.
     """
     if n < 1:
         raise ValueError(f"need n >= 1 steps, got {n}")

@@ -1,4 +1,4 @@
-"""Samplers on an EDM denoiser D(x; σ), one signature for all (seed 003 §3, seed 004 A.3).
+"""Samplers on an EDM denoiser D(x; σ), one signature for all (EDM §3, VDM A.3).
 
 ``sampler(denoiser, noise, sigmas, *, generator=None, callback=None, ...) -> x0``
 
@@ -235,7 +235,7 @@ def euler(
     check_finite: bool = True,
     progress: bool = False,
 ):
-    """Euler's method on the PF-ODE dx/dσ = (x − D(x;σ))/σ (seed 003 Alg. 1 without lines 6–8).
+    """Euler's method on the PF-ODE dx/dσ = (x − D(x;σ))/σ (EDM Alg. 1 without lines 6–8).
 
     NFE = N. Deterministic: ``generator`` is accepted for the common signature and unused.
     """
@@ -261,7 +261,7 @@ def heun(
     check_finite: bool = True,
     progress: bool = False,
 ):
-    """EDM's deterministic Heun sampler (seed 003 Alg. 1, σ(t) = t, s(t) = 1).
+    """EDM's deterministic Heun sampler (EDM Alg. 1, σ(t) = t, s(t) = 1).
 
     A 2nd-order correction on every step except one that lands on σ = 0, which is Euler:
     NFE = 2N − 1 on a grid ending at 0 (2N otherwise). Draws no noise.
@@ -293,7 +293,7 @@ def edm_stochastic(
     check_finite: bool = True,
     progress: bool = False,
 ):
-    """EDM's stochastic sampler (seed 003 Alg. 2).
+    """EDM's stochastic sampler (EDM Alg. 2).
 
     γ_i = min(S_churn/N, √2 − 1) if S_tmin ≤ t_i ≤ S_tmax else 0 (N = len(sigmas) − 1);
     t̂ = t_i + γ_i t_i; x̂ = x_i + √(t̂² − t_i²)·S_noise·ε; then the Heun step from t̂ to t_{i+1}
@@ -312,7 +312,7 @@ def edm_stochastic(
 def _ancestral_coefficients(ts: list[float]) -> list[tuple[float, float]]:
     """Per step (keep, r) of the ancestral step in EDM units, from vdmpp.schedules in float64.
 
-    Seed 004 eq. 28 in VP units, for s < t (σ_{i+1} = EDM σ of s, σ_i of t):
+    VDM eq. 28 in VP units, for s < t (σ_{i+1} = EDM σ of s, σ_i of t):
     z_s = α_{t|s}σ_s²/σ_t²·z_t + α_s σ²_{t|s}/σ_t²·x̂ + √(σ²_{t|s}σ_s²/σ_t²)·ε.
     Dividing by α_s (x = z/α) gives x_s = keep·x_t + r·x̂ + √r·σ_{i+1}·ε with
     keep = (α_{t|s}σ_s/σ_t)² = σ_{i+1}²/σ_i² and r = σ²_{t|s}/σ_t² = 1 − keep, where σ²_{t|s}
@@ -341,7 +341,7 @@ def ddpm(
     check_finite: bool = True,
     progress: bool = False,
 ):
-    """DDPM ancestral sampling: x_{i+1} ~ p(z_s | z_t) of seed 004 eq. 28, in EDM units.
+    """DDPM ancestral sampling: x_{i+1} ~ p(z_s | z_t) of VDM eq. 28, in EDM units.
 
     See ``_ancestral_coefficients`` for the derivation. NFE = N. Noise: one ``randn_like(x)``
     from ``generator`` after the denoiser call of every step with σ_{i+1} > 0 (every step but
@@ -380,7 +380,7 @@ def ddim(
     """DDIM (Song et al. 2021) in EDM units: x_{i+1} = x̂ + c·(x_i − x̂) + σ_η·ε.
 
     σ_η = η·√r·σ_{i+1} (r as in ``ddpm``) and c = √(σ_{i+1}² − σ_η²)/σ_i. η = 0 (default) is
-    deterministic, c = σ_{i+1}/σ_i, which is algebraically Euler's step (seed 003 App. C);
+    deterministic, c = σ_{i+1}/σ_i, which is algebraically Euler's step (EDM App. C);
     η = 1 is ``ddpm``. NFE = N. Noise: one ``randn_like(x)`` after the denoiser call of every
     step with σ_η > 0 (never for η = 0).
     """

@@ -1,4 +1,4 @@
-"""VDM++'s adaptive noise schedule (seed 000 App. F, eq. 136; App. H)."""
+"""VDM++'s adaptive noise schedule (VDM++ App. F, eq. 136; App. H)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .base import check_logsnr_range, check_unit_interval
 __all__ = ["Adaptive"]
 
 class Adaptive(nn.Module):
-    """p(λ) ∝ E[w(λ)‖ε − ε̂‖²], estimated by a per-bin EMA (seed 000 eq. 136, App. H).
+    """p(λ) ∝ E[w(λ)‖ε − ε̂‖²], estimated by a per-bin EMA (VDM++ eq. 136, App. H).
 
     [λ_min, λ_max] is cut into ``bins`` equal bins; each holds an EMA of w(λ)·‖ε − ε̂‖²
     (initialised to 1, decay 0.999). The density is piecewise constant, p(λ) = m_k/(Δ·Σm) in
@@ -149,7 +149,7 @@ class Adaptive(nn.Module):
 
     @torch.no_grad()
     def update(self, logsnr: Tensor, loss: Tensor) -> None:
-        """One EMA update from λ and the unweighted per-example ‖ε − ε̂‖² (seed 000 App. H).
+        """One EMA update from λ and the unweighted per-example ‖ε − ε̂‖² (VDM++ App. H).
 
         Runs the fused ``vdmpp::adaptive_ema_update`` (same result) when ``vdmpp.kernels`` can
         serve these tensors, else :meth:`bin_stats` → :meth:`apply_stats`.

@@ -1,4 +1,4 @@
-"""VDM's learned monotone noise schedule (seed 004 App. H and I.2)."""
+"""VDM's learned monotone noise schedule (VDM App. H and I.2)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ __all__ = ["Learned"]
 
 
 class Learned(nn.Module):
-    """λ_η(t) from a monotone network with pinned, learnable endpoints (seed 004 App. H, eq. 59).
+    """λ_η(t) from a monotone network with pinned, learnable endpoints (VDM App. H, eq. 59).
 
     Defaults follow VDM: γ ∈ [−13.3, 5], i.e. λ ∈ [−5, 13.3].
 
@@ -105,7 +105,7 @@ class Learned(nn.Module):
         self._pending.clear()
 
     def logsnr(self, t: Tensor) -> Tensor:
-        """λ(t) (seed 004 eq. 59 with γ = −λ)."""
+        """λ(t) (VDM eq. 59 with γ = −λ)."""
         check_unit_interval(t)
         s, _ = self._shape(t)
         lo, hi = self.ends[0], self.ends[1]
@@ -134,7 +134,7 @@ class Learned(nn.Module):
 
 
 class _VarianceScale:
-    """Multiplies the gradient through a per-example tensor by 2·L_i (seed 004 eq. 62)."""
+    """Multiplies the gradient through a per-example tensor by 2·L_i (VDM eq. 62)."""
 
     def __init__(self) -> None:
         self.value: Tensor | None = None
