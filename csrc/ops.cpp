@@ -19,7 +19,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(vdmpp, m) {
-  // EDM (EDM) Alg. 1/2: Euler step (denoised_next = None) or 2nd-order correction from t_hat
+  // EDM (Karras et al. 2022) Alg. 1/2: Euler step (denoised_next = None) or 2nd-order correction from t_hat
   // to t_next, reading x_hat, D(x_hat; t_hat) and D(x_e; t_next) once each.
   m.def(
       "heun_step(Tensor x_hat, Tensor denoised, Tensor? denoised_next, float t_hat, "
@@ -28,7 +28,7 @@ TORCH_LIBRARY(vdmpp, m) {
   // Alg. 2 lines 5-6: x_hat = x + sqrt(t_hat^2 - t^2) * s_noise * noise.
   m.def("churn(Tensor x, Tensor noise, float t, float t_hat, float s_noise) -> Tensor",
         {at::Tag::pt2_compliant_tag});
-  // VDM++ (VDM++) App. F/H: bin logsnr, average this step's value per bin, EMA on the hit
+  // VDM++ (Kingma & Gao 2023) App. F/H: bin logsnr, average this step's value per bin, EMA on the hit
   // bins of `ema` and refresh the normalised cumulative density `cdf`, in place.
   m.def(
       "adaptive_ema_update(Tensor(a!) ema, Tensor(b!) cdf, Tensor logsnr, Tensor value, "
