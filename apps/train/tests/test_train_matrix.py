@@ -8,13 +8,14 @@ Factors (each enumerated from a registry, never a hand-kept list):
 * weighting: every name in ``vdmpp.losses.weightings.names()``, with and without a shift
   (App. D.2.1; the shift for this resolution, s = log(64/8));
 * parameterization / process: ``vdmpp.models.PARAMETERIZATIONS`` × ``PROCESSES``;
-* precision: the config's ``PRECISIONS``; time sampler: ``TIME_SAMPLERS``.
+* precision: the config's ``PRECISIONS``; time sampler: ``TIME_SAMPLERS``; class-conditional
+  (10 classes) or unconditional.
 
-Coverage. The full product is 8 × 11 × 2 × 4 × 2 × 2 × 2 = 5632 cells (with today's
+Coverage. The full product is 8 × 11 × 2 × 4 × 2 × 2 × 2 × 2 = 11264 cells (with today's
 registries). CI runs a *pairwise* covering set (every value of every factor meets every value
 of every other factor at least once: 88 cells today = 8 × 11, the least any pairwise set can
-have, 1.6 % of the product; ``test_pairwise_covers_every_pair`` checks the coverage) through
-the fast in-process path (about 1.5 min on 2 cores): the trainer's
+have, 0.8 % of the product; ``test_pairwise_covers_every_pair`` checks the coverage) through
+the fast in-process path (about 100 s of CPU on one thread): the trainer's
 own ``Objective``/``build_net``, 4 Adam steps on 16 digits, the trainer's own ``export`` and
 the eval app's loader, every eval sampler and the bits/dim estimator. Set
 ``VDMPP_FULL_MATRIX=1`` to run all cells instead (about an hour on 2 cores).
@@ -61,6 +62,7 @@ def factors() -> dict[str, list]:
         "process": list(process_names()),
         "precision": list(C.PRECISIONS),
         "time_sampler": list(C.TIME_SAMPLERS),
+        "num_classes": [10, None],  # class-conditional or not
     }
 
 
@@ -106,7 +108,7 @@ def config_for(c: dict) -> C.Config:
     adaptive = c["schedule"] == "adaptive"
     return C.from_dict({
         "precision": c["precision"],
-        "data": {"resolution": 8},
+        "data": {"resolution": 8, "num_classes": c["num_classes"]},
         "model": {"name": "tiny", "overrides": dict(TINY)},
         "objective": {
             "schedule": "cosine" if adaptive else c["schedule"],
@@ -157,7 +159,7 @@ def _fixed_loss(obj: Objective, cfg: C.Config, net, x, y) -> float:
                          sigma_data=o.sigma_data)  # fmt: skip
     g = torch.Generator().manual_seed(123)
     t = (torch.arange(64, dtype=torch.float32) + 0.5) / 64
-    xs, ys = x.repeat(4, 1, 1, 1), y.repeat(4)
+    xs, ys = x.repeat(4, 1, 1, 1), (y.repeat(4) if y is not None else None)
     noise = torch.randn(xs.shape, generator=g)
     with torch.no_grad():
         return float(probe(net, xs, ys, t=t, noise=noise).loss.mean())
@@ -174,6 +176,7 @@ def test_cell_trains_exports_samples_and_bounds(cell, batch, tmp_path) -> None:
     torch.set_num_threads(1)
     cfg = config_for(cell)
     x, y = batch
+    y = y if cell["num_classes"] else None
     torch.manual_seed(0)
     net, obj = build_net(cfg), Objective(cfg)
     params = list(net.parameters()) + list(obj.schedule.parameters())
@@ -204,13 +207,14 @@ def test_cell_trains_exports_samples_and_bounds(cell, batch, tmp_path) -> None:
     assert meta["parameterization"] == cell["parameterization"] and meta["process"] == cell[
         "process"]  # fmt: skip
     assert meta["schedule"]["name"] == cell["schedule"]
+    assert meta["num_classes"] == cell["num_classes"]
     with torch.no_grad():
         for k, v in net.state_dict().items():
             assert torch.equal(model.state_dict()[k], v), k
 
     den = denoiser_for(model, meta)
     sigmas = S.karras_sigmas(3, 0.002, 80.0, 7.0)
-    labels = torch.arange(4) % 10
+    labels = torch.arange(4) % 10 if cell["num_classes"] else None
     fns = {"heun": S.heun, "euler": S.euler, "ddpm": S.ddpm, "ddim": S.ddim,
            "edm": lambda *a, **k: S.edm_stochastic(*a, churn=10.0, **k)}  # fmt: skip
     assert set(fns) == set(SAMPLERS)  # every sampler the eval app offers
@@ -222,7 +226,7 @@ def test_cell_trains_exports_samples_and_bounds(cell, batch, tmp_path) -> None:
         assert out.shape == noise.shape and torch.isfinite(out).all(), name
 
     images = to_uint8(x[:4])
-    r = bpd_of_export(model, meta, images, y[:4].numpy(), batch_size=4)
+    r = bpd_of_export(model, meta, images, batch[1][:4].numpy(), batch_size=4)
     assert math.isfinite(r.bpd) and r.bpd > 0, r
 
 

@@ -181,12 +181,12 @@ class Config:
         _check(bool(d.source), "data.source", d.source, "must name 'digits' or shards")
         if d.source == "digits":  # checked here, before any shard is written
             _check(
-                d.channels == 1 and d.num_classes == 10 and d.resolution >= 8,
+                d.channels == 1 and d.num_classes in (10, None) and d.resolution >= 8,
                 "data.source",
                 d.source,
                 f"has 1 channel, 10 classes and 8×8 images (data.channels = {d.channels}, "
                 f"num_classes = {d.num_classes}, resolution = {d.resolution}); set "
-                "data.channels = 1, data.num_classes = 10 and data.resolution >= 8",
+                "data.channels = 1, data.num_classes = 10 (or none) and data.resolution >= 8",
             )
         o = self.objective
         _choice("objective.process", o.process, PROCESSES)

@@ -305,10 +305,10 @@ class Trainer:
             write_shards("digits", root, maxcount=256, resolution=cfg.data.resolution,
                          seed=cfg.seed)  # fmt: skip
         d.barrier()
-        if cfg.data.channels != 1 or cfg.data.num_classes != 10:
+        if cfg.data.channels != 1 or cfg.data.num_classes not in (10, None):
             raise ConfigError(
                 "config: data.source = 'digits' has 1 channel and 10 classes; set "
-                "data.channels = 1 and data.num_classes = 10"
+                "data.channels = 1 and data.num_classes = 10 (or none: unconditional)"
             )
         return expand_source(str(root))
 
