@@ -79,7 +79,7 @@ def dry_run(cfg: Config, *, resume: bool = False, world: int | None = None) -> s
     weighting = objective.loss.weighting
     data = _probe_data(cfg)
     o = cfg.objective
-    lo, hi = float(sched.logsnr_min), float(sched.logsnr_max)
+    lo, hi = (float(torch.as_tensor(v).detach()) for v in (sched.logsnr_min, sched.logsnr_max))
     sched_name = (f"adaptive ({o.adaptive_bins} bins, decay {o.adaptive_decay})" if o.adaptive
                   else f"{o.schedule} {dict(o.schedule_args) or ''}".strip())  # fmt: skip
     spec = model_spec(cfg)

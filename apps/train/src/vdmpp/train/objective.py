@@ -348,8 +348,8 @@ def schedule_meta(cfg: Config, schedule: Any) -> dict[str, Any]:
         ]
     else:
         meta["args"] = dict(o.schedule_args)
-    lo, hi = schedule.logsnr_min, schedule.logsnr_max
-    meta["logsnr_range"] = [float(lo), float(hi)]
+    lo, hi = schedule.logsnr_min, schedule.logsnr_max  # Learned: parameters
+    meta["logsnr_range"] = [float(torch.as_tensor(v).detach()) for v in (lo, hi)]
     if not all(math.isfinite(v) for v in meta["logsnr_range"]):  # pragma: no cover
         raise ConfigError("schedule has non-finite ends")
     return meta
