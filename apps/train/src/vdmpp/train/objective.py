@@ -126,15 +126,6 @@ def _check_args(key: str, args: dict[str, Any], cls: type, what: str, *, reserve
             )
 
 
-def _weighting_class(name: str) -> type:
-    from vdmpp.losses import weightings
-
-    try:
-        return type(weightings.get(name))
-    except TypeError:  # needs arguments: find the class by name
-        return weightings._REGISTRY[_norm(name)]  # pragma: no cover
-
-
 def check_objective(cfg: Config) -> None:
     """Resolve every objective name and check every ``*_args`` key (VDM++ Sec. 3–5 space).
 
@@ -164,18 +155,17 @@ def check_objective(cfg: Config) -> None:
         raise ConfigError(
             f"config: objective.process = {o.process!r} is not one of {', '.join(procs)}"
         )
-    # weighting
+    # weighting (every one in the registry builds with its defaults)
     from vdmpp.losses import weightings
 
     wnames = weighting_names()
-    if not isinstance(o.weighting, str) or _norm(o.weighting) not in {
-        *map(_norm, wnames), *weightings._ALIASES
-    }:
+    try:
+        wcls = type(weightings.get(o.weighting))
+    except (TypeError, ValueError):
         raise ConfigError(
             f"config: objective.weighting = {o.weighting!r} is not a vdmpp.losses weighting; "
             f"{_suggest(o.weighting, wnames)}choose one of {', '.join(wnames)}"
-        )
-    wcls = _weighting_class(o.weighting)
+        ) from None
     _check_args("objective.weighting_args", o.weighting_args, wcls, f"weighting {o.weighting!r}")
     weighting = build_weighting(cfg)
     # schedule
