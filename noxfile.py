@@ -236,11 +236,18 @@ def _project_version(dist: str) -> str:
 
 @nox.session
 def release(session: nox.Session) -> None:
-    """Build every sdist + wheel, check metadata, test each installed alone outside the clone."""
+    """Build every sdist + wheel, check metadata, test each installed alone outside the clone.
+
+    Posargs: `--reuse-dist` skips the build when dist/ holds wheels; `libs`, `apps`, `editable`
+    pick parts of the install tests (default: all); `--keep` leaves the venvs in /tmp.
+    """
     _install_torch(session)
     session.install("build>=1", "twine>=6.1", "packaging", "pytest>=7", "setuptools>=77", "wheel",
                     "ninja")  # fmt: skip
     dist = ROOT / "dist"
+    if "--reuse-dist" in session.posargs and any(dist.glob("*.whl")):
+        _test_wheelhouse(session, dist)  # iterate on the install/test half only
+        return
     shutil.rmtree(dist, ignore_errors=True)
     for name, src in SOURCES.items():
         if name == "vdmpp-kernels":  # setup.py imports torch: build against the installed one
@@ -257,26 +264,32 @@ def release(session: nox.Session) -> None:
     session.run("twine", "check", "--strict", *artifacts)
     session.run("python", "scripts/dists.py", "check", str(dist))
     session.run("pytest", "-q", "scripts/tests")
+    _test_wheelhouse(session, dist)
 
+
+def _test_wheelhouse(session: nox.Session, dist: Path) -> None:
+    """Each library alone from DIST in a venv outside the clone, then kernels, apps, editable."""
     work = Path(tempfile.mkdtemp(prefix="vdmpp-release-"))  # outside the repository
     session.log(f"installing from {dist} into venvs under {work}")
+    parts = {"libs", "apps", "editable"} & set(session.posargs) or {"libs", "apps", "editable"}
     try:
-        for lib in LIBRARIES:  # each library alone: its wheel, its siblings' wheels, torch
+        for lib in LIBRARIES if "libs" in parts else []:  # each alone: its wheel, siblings, torch
             tests_extra = _project_extra(lib, "test")
             py = _outside_venv(session, work / lib, *tests_extra)
             session.run(str(py), "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
                         str(dist), lib, external=True)  # fmt: skip
             session.run(str(py), "-m", "pip", "check", external=True)
             _test_installed(session, py, lib, ROOT / SOURCES[lib] / "tests")
-        # vdmpp-samplers[kernels] resolves vdmpp-kernels from the same wheelhouse
-        py = work / "vdmpp-samplers" / "bin" / "python"
-        session.run(str(py), "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
-                    str(dist), "vdmpp-samplers[kernels]", external=True)  # fmt: skip
-        _test_installed(session, py, "vdmpp-kernels", ROOT / "csrc" / "tests")
-        _test_installed(session, py, "vdmpp-samplers", ROOT / "libs/samplers/tests",
-                        "-k", "kernel")  # fmt: skip
-        _release_apps(session, work, dist)
-        _editable_in_one_command(session, work)
+            if lib == "vdmpp-samplers":  # the [kernels] extra resolves from the same wheelhouse
+                session.run(str(py), "-m", "pip", "install", "--quiet", "--no-index",
+                            "--find-links", str(dist), "vdmpp-samplers[kernels]",
+                            external=True)  # fmt: skip
+                _test_installed(session, py, "vdmpp-kernels", ROOT / "csrc" / "tests")
+                _test_installed(session, py, lib, ROOT / SOURCES[lib] / "tests", "-k", "kernel")
+        if "apps" in parts:
+            _release_apps(session, work, dist)
+        if "editable" in parts:
+            _editable_in_one_command(session, work)
     finally:
         if "--keep" not in session.posargs:
             shutil.rmtree(work, ignore_errors=True)

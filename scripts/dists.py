@@ -103,6 +103,16 @@ def problems_in_metadata(text: str, *, where: str, version: str | None) -> list[
     return out
 
 
+def tracked_package_files(dist: str) -> set[str]:
+    """Wheel paths ('vdmpp/train/configs/digits.toml') of every file git tracks under src/."""
+    src = ROOT / SOURCES[dist] / "src"
+    ls = subprocess.run(
+        ["git", "ls-files", "-z", "--", "."], cwd=src, capture_output=True, text=True, check=False
+    )
+    names = [n for n in ls.stdout.split("\0") if n] if ls.returncode == 0 else []
+    return {n for n in names if not n.endswith((".pyc", ".so", ".o"))}
+
+
 def _dist_of(filename: str) -> str:
     """'vdmpp_losses-0.2.0-py3-none-any.whl' -> 'vdmpp-losses'."""
     return canonicalize_name(re.split(r"-\d", filename, maxsplit=1)[0])
@@ -131,6 +141,8 @@ def check(dist_dir: Path) -> list[str]:
                     out.append(f"{p.name}: py.typed missing")
                 if any(n.startswith("vdmpp/__init__") for n in names):
                     out.append(f"{p.name}: ships vdmpp/__init__.py (vdmpp is a namespace package)")
+                for missing in sorted(tracked_package_files(dist) - set(names)):
+                    out.append(f"{p.name}: {missing} (tracked in git) is missing from the wheel")
         else:
             with tarfile.open(p) as t:
                 names = t.getnames()
