@@ -94,7 +94,20 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "objectives-cpu.json"))
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="combine the runs of these result files (e.g. recipes run in "
+                    "parallel processes) into --out, then exit")
     a = ap.parse_args()
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) for f in a.merge]
+        record = {k: v for k, v in parts[0].items() if k not in ("runs", "summary")}
+        record["runs"] = sorted((r for p in parts for r in p["runs"]),
+                                key=lambda r: (list(RECIPES).index(r["recipe"]), r["seed"]))
+        record["processes"] = len(parts)
+        _summarise(record)
+        Path(a.out).write_text(json.dumps(record, indent=2) + "\n")
+        print(json.dumps(record["summary"], indent=2))
+        return
     torch.set_num_threads(a.threads)
     seeds = [int(s) for s in a.seeds.split(",")]
     recipes = [r for r in a.recipes.split(",") if r]
