@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -253,6 +254,7 @@ def main() -> None:
         "overhead_denoiser": "x / (1 + sigma^2) per sample (one elementwise pass)",
         "overhead_shape": [batch, 3, *[args.overhead_res or (512 if gpu else 256)] * 2],
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg": [round(v, 2) for v in os.getloadavg()],  # busy machine: see ratios
         "results": rows,
     }
     out.write_text(json.dumps(record_json, indent=2) + "\n")

@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -97,82 +99,101 @@ def bench_case(name, res, classes, batch, overrides, device, precision, compiled
 def bench_schedule_update(name, res, classes, batch, overrides, device, steps, micro=2):
     """The trainer's step (``micro`` micro-batches: forward + backward + the adaptive statistics
     of each, then Adam and the schedule update) with the fused update pair vs the PyTorch
-    reference, on the same model, batch and noise; plus the schedule update alone."""
+    reference, on the same model, batch and noise; plus the schedule update alone.
+
+    The two modes run alternately, step by step, so that load from other processes hits both
+    alike; rows report the minimum (least disturbed) and the median.
+    """
     cfg = _config(name, res, classes, overrides)
     torch.manual_seed(0)
     model0 = build_net(cfg).to(device)
     x = torch.randn(batch, 3, res, res, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
+    modes = {m: _ScheduleMode(m, cfg, copy.deepcopy(model0), x, y, device, micro)
+             for m in ("reference", "fused")}  # fmt: skip
+    for _ in range(2):  # warm-up
+        for m in modes.values():
+            m.step()
+    step_t: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(steps):
+        for key, m in modes.items():
+            t0 = time.perf_counter()
+            m.step()
+            _sync(device)
+            step_t[key].append(time.perf_counter() - t0)
+    emas = {key: m.sched.ema.clone() for key, m in modes.items()}
+    upd_t: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(20):  # the update alone: 20 rounds of 50 updates, alternating
+        for key, m in modes.items():
+            t0 = time.perf_counter()
+            for _ in range(50):
+                m.update()
+            _sync(device)
+            upd_t[key].append((time.perf_counter() - t0) / 50)
     rows = []
-    for mode in ("reference", "fused"):
-        row = _schedule_mode(mode, cfg, copy.deepcopy(model0), x, y, device, steps, micro)
-        rows.append({"model": name, "resolution": res, "batch": batch, **row})
-    same = torch.equal(rows[0].pop("ema"), rows[1].pop("ema"))
-    for r in rows:
-        r["ema_equal_across_modes"] = same
+    for key, m in modes.items():
+        m.restore()
+        mode = key if key == "reference" or m.calls else "fused (unavailable: reference ran)"
+        rows.append({
+            "model": name, "resolution": res, "batch": batch, "micro_batches": micro,
+            "schedule_update": mode, "step_s": min(step_t[key]),
+            "step_s_median": statistics.median(step_t[key]),
+            "images_per_s": batch / min(step_t[key]), "update_us": min(upd_t[key]) * 1e6,
+            "update_us_median": statistics.median(upd_t[key]) * 1e6,
+            "ema_equal_across_modes": torch.equal(emas["reference"], emas["fused"]),
+        })  # fmt: skip
     return rows
 
 
-def _schedule_mode(mode, cfg, model, x, y, device, steps, micro):
-    import vdmpp.schedules._kernels as SK
+class _ScheduleMode:
+    """One mode of bench_schedule_update: its model copy, objective, optimizer and RNG."""
 
-    K = SK.load_kernels()
-    obj = Objective(cfg).to(device)
-    sched = obj.schedule
-    sched.force_reference = mode == "reference"
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    gen = torch.Generator(device=device).manual_seed(0)
-    n = x.shape[0] // micro
-    calls = []
-    last = {}
+    def __init__(self, mode, cfg, model, x, y, device, micro) -> None:
+        import vdmpp.schedules._kernels as SK
 
-    def step() -> None:
-        stats = sched.new_stats()
-        for k in range(micro):
-            loss, lam, mse = obj(model, x[k * n:(k + 1) * n], y[k * n:(k + 1) * n], gen)
-            (loss.mean() / micro).backward()
-            sched.add_stats(stats, lam, mse)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.apply_stats(stats)  # (the trainer all-reduces stats first)
-        last.update(lam=lam.detach(), mse=mse.detach())
+        self.model, self.x, self.y, self.micro = model, x, y, micro
+        self.obj = Objective(cfg).to(device)
+        self.sched = self.obj.schedule
+        self.sched.force_reference = mode == "reference"
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        self.gen = torch.Generator(device=device).manual_seed(0)  # t and ε
+        self.rng = torch.Generator().manual_seed(1)  # dropout: the global RNG, per mode
+        self.calls: list[int] = []
+        self.last: dict = {}
+        self.K = SK.load_kernels()
+        self.real = self.K.adaptive_bin_stats if self.K is not None else None
+        if self.K is not None and mode == "fused":
+            real = self.real
+            self.K.adaptive_bin_stats = lambda *a: self.calls.append(1) or real(*a)
 
-    def update() -> None:  # the schedule update alone, on the last micro-batch's λ, ‖ε − ε̂‖²
-        stats = sched.new_stats()
-        for _ in range(micro):
-            sched.add_stats(stats, last["lam"], last["mse"])
-        sched.apply_stats(stats)
+    def restore(self) -> None:
+        if self.K is not None:
+            self.K.adaptive_bin_stats = self.real
 
-    real = K.adaptive_bin_stats if K is not None else None
-    if K is not None:
-        K.adaptive_bin_stats = lambda *a: calls.append(1) or real(*a)
-    try:
-        for _ in range(2):
-            step()
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        dt = (time.perf_counter() - t0) / steps
-        ema = sched.ema.clone()
-        for _ in range(20):
-            update()
-        _sync(device)
-        reps = 500
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            update()
-        _sync(device)
-        upd = (time.perf_counter() - t0) / reps
-    finally:
-        if K is not None:
-            K.adaptive_bin_stats = real
-    if mode == "fused" and not calls:
-        mode = "fused (unavailable: reference ran)"
-    return {"micro_batches": micro, "schedule_update": mode, "step_s": dt,
-            "images_per_s": x.shape[0] / dt, "update_us": upd * 1e6, "ema": ema}  # fmt: skip
+    def step(self) -> None:
+        state = torch.get_rng_state()
+        torch.set_rng_state(self.rng.get_state())
+        n = self.x.shape[0] // self.micro
+        stats = self.sched.new_stats()
+        for k in range(self.micro):
+            xs, ys = self.x[k * n:(k + 1) * n], self.y[k * n:(k + 1) * n]
+            loss, lam, mse = self.obj(self.model, xs, ys, self.gen)
+            (loss.mean() / self.micro).backward()
+            self.sched.add_stats(stats, lam, mse)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.apply_stats(stats)  # (the trainer all-reduces stats first)
+        self.last.update(lam=lam.detach(), mse=mse.detach())
+        self.rng.set_state(torch.get_rng_state())
+        torch.set_rng_state(state)
+
+    def update(self) -> None:
+        """The schedule update alone, on the last micro-batch's λ and ‖ε − ε̂‖²."""
+        stats = self.sched.new_stats()
+        for _ in range(self.micro):
+            self.sched.add_stats(stats, self.last["lam"], self.last["mse"])
+        self.sched.apply_stats(stats)
 
 
 def _sync(device) -> None:
@@ -228,7 +249,8 @@ def main() -> None:
 
 def _main_schedule_update(a, steps: int) -> None:
     rows = []
-    for name, res, classes, batch, over in CASES[a.device]:
+    cases = CASES[a.device] if a.device == "cuda" else CASES[a.device][:1]  # CPU: cifar32 only
+    for name, res, classes, batch, over in cases:
         for r in bench_schedule_update(name, res, classes, batch, over, a.device, steps):
             rows.append(r)
             print(f"{name:8s} {r['schedule_update']:9s} step {r['step_s'] * 1e3:9.2f} ms  "
@@ -241,10 +263,12 @@ def _main_schedule_update(a, steps: int) -> None:
         or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "loadavg": [round(v, 2) for v in os.getloadavg()],
         "note": "fp32 eager; step = 2 micro-batches (forward, backward, add_stats each), clip, "
         "Adam, apply_stats; update_us = 2x add_stats + apply_stats alone on the last micro-batch; "
-        "the same model, batch and noise for both modes. CPU rows use narrowed models (CASES); "
-        "the CPU was shared with other jobs",
+        "the same model, batch, noise and dropout for both modes, run alternately; min (and "
+        "median) over the steps. CPU rows use narrowed models (CASES); the CPU was shared "
+        "with other jobs",
         "results": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
