@@ -81,6 +81,5 @@ def test_faults_resume_past_unreadable_checkpoints_and_keep_loadable_ones(cli, s
     assert r.stderr.count("skipping unreadable checkpoint") == 2
     assert "resumed from" in r.stderr and "ckpt-000000010.pt at step 10" in r.stderr
     # keep=1: the step-20 checkpoint survives pruning next to the garbage at step 999
+    assert [s for s, _ in list_checkpoints(d)] == [20, 999]  # the torn 15 was rewritten, pruned
     assert find_latest(d, warn=lambda m: None)[1]["step"] == 20
-    r = cli(["digits", *sets(25), "--resume"])
-    assert r.returncode == 0 and "ckpt-000000020.pt at step 20" in r.stderr, r.stderr[-3000:]
