@@ -82,6 +82,8 @@ def lint(session: nox.Session) -> None:
 
 # --- vdmpp-kernels (csrc/) ----------------------------------------------------------------------
 KERNEL_TEST_LIBS = ["schedules", "samplers"]  # whose tests also exercise the kernel dispatch
+# csrc/setup.py's default: SASS for Turing, Ampere, Hopper + PTX so newer GPUs JIT-compile it
+CUDA_ARCHS = os.environ.get("TORCH_CUDA_ARCH_LIST", "7.5;8.0;9.0+PTX")
 
 
 def _install_kernels(session: nox.Session, *, cuda: bool) -> None:
@@ -91,7 +93,7 @@ def _install_kernels(session: nox.Session, *, cuda: bool) -> None:
     env = {"MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
     if cuda:
         env["FORCE_CUDA"] = "1"
-        env["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        env["TORCH_CUDA_ARCH_LIST"] = CUDA_ARCHS
     session.install("--no-build-isolation", "./csrc", env=env)
     libs = [
         f"./libs/{n}[test]"
@@ -131,11 +133,12 @@ def kernels_cuda_compile(session: nox.Session) -> None:
         silent=True,
     )
     flags = [f for f in str(out_text).split() if f.startswith("-")]  # stderr is mixed in
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0").replace(" ", ";").split(";")
     gencode = []
-    for a in filter(None, archs):
+    for a in filter(None, CUDA_ARCHS.replace(" ", ";").split(";")):
         cc = a.replace("+PTX", "").replace(".", "")
         gencode.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
+        if a.endswith("+PTX"):  # the PTX that forward-compatible drivers JIT for newer GPUs
+            gencode.append(f"-gencode=arch=compute_{cc},code=compute_{cc}")
     out = Path(session.create_tmp()) / "nvcc"
     out.mkdir(parents=True, exist_ok=True)
     sources = sorted((ROOT / "csrc").rglob("*.cu"))
