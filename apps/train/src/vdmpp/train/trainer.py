@@ -423,7 +423,10 @@ class Trainer:
         adaptive = hasattr(sched, "bin_stats")
         stats = sched.ema.new_zeros(2, sched.bins) if adaptive else None
         bins = cfg.log.loss_bins
-        lo, hi = float(sched.logsnr_min), float(sched.logsnr_max)
+        # a learned schedule's ends are 0-d tensors: keep them on the device (float() would
+        # be a host sync every step); a fixed schedule's are Python floats already
+        lo, hi = (v.detach().double() if torch.is_tensor(v) else float(v)
+                  for v in (sched.logsnr_min, sched.logsnr_max))  # fmt: skip
         loss_sum = torch.zeros((), device=d.device, dtype=torch.float64)
         bin_acc = torch.zeros(2, bins, device=d.device, dtype=torch.float64)
         autocast = (
@@ -566,8 +569,8 @@ class Trainer:
             "channels": cfg.data.channels,
             "num_classes": cfg.data.num_classes,
             "data_range": [-1, 1],
-            "logsnr_min": float(sched.logsnr_min),
-            "logsnr_max": float(sched.logsnr_max),
+            "logsnr_min": float(torch.as_tensor(sched.logsnr_min).detach()),
+            "logsnr_max": float(torch.as_tensor(sched.logsnr_max).detach()),
             "schedule": schedule_meta(cfg, sched),
             "step": self.step,
         }
@@ -705,7 +708,7 @@ class Trainer:
         now = time.perf_counter()
         n = max(window["n"], 1)
         sched = self.objective.schedule
-        lo, hi = float(sched.logsnr_min), float(sched.logsnr_max)
+        lo, hi = (float(torch.as_tensor(v).detach()) for v in (sched.logsnr_min, sched.logsnr_max))
         edges = torch.linspace(lo, hi, cfg.log.loss_bins + 1).tolist()
         per_bin = (bins[0] / bins[1].clamp_min(1)).tolist()
         rec: dict[str, Any] = {
