@@ -7,7 +7,7 @@ stream (``data``) and its noise (t, ε, dropout) is drawn from generators seeded
 only — W = 2 ranks × 1 micro-step computes what W = 1 × 2 micro-steps computes, and a resumed
 run continues the exact stream of an uninterrupted one (``data.resume = "replay"``).
 
-Seed 000 App. H: Adam, global-norm clip 1, EMA of weights (half-life in images, EDM), linear LR
+VDM++ App. H: Adam, global-norm clip 1, EMA of weights (half-life in images, EDM), linear LR
 warm-up (in images), low-discrepancy t, the adaptive schedule's bin statistics (100 bins, decay
 0.999) summed over every slot of every rank before the EMA update, so all ranks hold one schedule.
 """
