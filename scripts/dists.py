@@ -161,42 +161,33 @@ def check(dist_dir: Path) -> list[str]:
     return out
 
 
-def first_commit_at(src: str, version: str) -> str | None:
-    """The oldest commit at which SRC/pyproject.toml declares VERSION (None: never committed)."""
+def committed_versions(src: str) -> list[tuple[str, str]]:
+    """(commit, version) of every commit that changed SRC/pyproject.toml, oldest first."""
     log = subprocess.run(
         ["git", "log", "--reverse", "--format=%H", "--", f"{src}/pyproject.toml"],
         cwd=ROOT, capture_output=True, text=True, check=False,
     )  # fmt: skip
-    for sha in log.stdout.split():
-        show = subprocess.run(
-            ["git", "show", f"{sha}:{src}/pyproject.toml"],
-            cwd=ROOT, capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if show.returncode == 0:
-            try:
-                if tomllib.loads(show.stdout)["project"]["version"] == version:
-                    return sha
-            except (tomllib.TOMLDecodeError, KeyError):
-                continue
-    return None
-
-
-def lowest_admitted(spec: SpecifierSet, src: str) -> str:
-    """The lowest version of the sibling at SRC that SPEC admits, among those ever committed."""
-    seen: set[str] = set()
-    log = subprocess.run(
-        ["git", "log", "--format=%H", "--", f"{src}/pyproject.toml"],
-        cwd=ROOT, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+    out = []
     for sha in log.stdout.split():
         show = subprocess.run(
             ["git", "show", f"{sha}:{src}/pyproject.toml"],
             cwd=ROOT, capture_output=True, text=True, check=False,
         )  # fmt: skip
         try:
-            seen.add(tomllib.loads(show.stdout)["project"]["version"])
+            out.append((sha, tomllib.loads(show.stdout)["project"]["version"]))
         except (tomllib.TOMLDecodeError, KeyError):
             continue
+    return out
+
+
+def first_commit_at(src: str, version: str) -> str | None:
+    """The oldest commit at which SRC/pyproject.toml declares VERSION (None: never committed)."""
+    return next((sha for sha, v in committed_versions(src) if v == version), None)
+
+
+def lowest_admitted(spec: SpecifierSet, src: str) -> str:
+    """The lowest version of the sibling at SRC that SPEC admits, among those ever committed."""
+    seen = {v for _, v in committed_versions(src)}
     seen.add(tomllib.loads((ROOT / src / "pyproject.toml").read_text())["project"]["version"])
     admitted = sorted(Version(v) for v in seen if spec.contains(v, prereleases=True))
     if not admitted:
