@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import write_atomic_bytes
+from .checkpoint import _alive, write_atomic_bytes
 
 __all__ = [
     "FORMAT",
@@ -95,16 +95,6 @@ def _write_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover
-        return True
-    return True
 
 
 def clean_stale(directory: str | Path) -> list[Path]:
