@@ -68,6 +68,18 @@ def _lam_like(logsnr: Tensor | float, x: Tensor) -> Tensor:
     return torch.tensor(float(logsnr), device=x.device, dtype=dtype)
 
 
+def _noise_for(
+    x: Tensor, noise: Tensor | None, generator: torch.Generator | None, dtype: torch.dtype
+) -> Tensor:
+    """ε for x: the given one (checked against x's shape) or a draw from ``generator``."""
+    if noise is None:
+        gen_device = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=dtype)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+    return noise.to(device=x.device, dtype=dtype)
+
+
 def _sum_dims(v: Tensor) -> Tensor:
     return v.reshape(v.shape[0], -1).sum(dim=1)
 
@@ -127,12 +139,7 @@ def reconstruction_loss(
     idx = grid_index(x, bits)
     lam = _lam_like(logsnr_max, x)
     dtype = lam.dtype
-    if noise is None:
-        gen_device = generator.device if generator is not None else x.device
-        noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=dtype)
-    elif noise.shape != x.shape:
-        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
-    noise = noise.to(device=x.device, dtype=dtype)
+    noise = _noise_for(x, noise, generator, dtype)
     s = sigma_from_logsnr(lam)
     delta = 2.0 / k_max
     xf = -1.0 + delta * idx.to(dtype)
@@ -340,12 +347,7 @@ def diffusion_loss_timesteps(
         raise ValueError(f"t must have shape [{n}], got {tuple(t.shape)}")
     i = torch.clamp(torch.floor(t.detach().double().cpu() * k) + 1, 1, k).long()
     lam_t, lam_s = lam_tab[i], lam_tab[i - 1]
-    if noise is None:
-        gen_device = generator.device if generator is not None else x.device
-        noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=dtype)
-    elif noise.shape != x.shape:
-        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
-    noise = noise.to(device=x.device, dtype=dtype)
+    noise = _noise_for(x, noise, generator, dtype)
     shape = (n,) + (1,) * (x.ndim - 1)
     alpha, sigma = vp(lam_t.to(device=x.device, dtype=dtype).reshape(shape))
     z = (alpha * x.to(dtype) + sigma * noise).to(x.dtype)
