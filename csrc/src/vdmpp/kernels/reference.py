@@ -94,17 +94,7 @@ def adaptive_ema_update(
     logsnr_min: float,
     logsnr_max: float,
 ) -> None:
-    """Reference of ``vdmpp::adaptive_ema_update`` (Adaptive.bin_stats + apply_stats)."""
-    bins = ema.numel()
-    width = (logsnr_max - logsnr_min) / bins
-    lam, val = logsnr.to(ema.dtype), value.to(ema.dtype)
-    if lam.device.type == "cpu" and lam.numel() and bool(torch.isnan(lam).any()):
-        raise ValueError("logsnr contains NaN")
-    ok = torch.isfinite(lam) & torch.isfinite(val)
-    k = torch.floor((torch.nan_to_num(lam, nan=logsnr_min) - logsnr_min) / width)
-    k = k.clamp(0, bins - 1).long()
-    sums = ema.new_zeros(bins).index_add_(0, k, torch.where(ok, val, torch.zeros_like(val)))
-    counts = ema.new_zeros(bins).index_add_(0, k, ok.to(ema.dtype))
-    mean = sums / counts.clamp_min(1)
-    ema.copy_(torch.where(counts > 0, decay * ema + (1 - decay) * mean, ema))
-    cdf.copy_(cdf_from_ema(ema))
+    """Reference of ``vdmpp::adaptive_ema_update``: the data-parallel pair on one rank."""
+    stats = ema.new_zeros(2, ema.numel())
+    adaptive_bin_stats(stats, logsnr, value, logsnr_min, logsnr_max)
+    adaptive_apply_stats(ema, cdf, stats, decay)
