@@ -35,5 +35,6 @@ def _cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("VDMPP_CACHE", str(tmp_path_factory.mktemp("vdmpp-cache")))
     mp.delenv("VDMPP_INCEPTION_WEIGHTS", raising=False)
+    mp.setenv("VDMPP_OFFLINE", "1")  # never fetch 92 MB of Inception weights from a test
     yield
     mp.undo()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +130,51 @@ def test_shards_roundtrip(tmp_path):
     order_ref = np.lexsort(ref.reshape(len(ref), -1).T)
     np.testing.assert_array_equal(images[order], ref[order_ref])
     assert sorted(labels.tolist()) == sorted(ref_labels.tolist())
+
+
+def _serve(monkeypatch, tmp_path, payload: bytes, prefix: str) -> Path:
+    """Point the download at a local file:// URL; the hub cache at tmp_path/hub."""
+    src = tmp_path / "served.pth"
+    src.write_bytes(payload)
+    monkeypatch.setattr(M, "INCEPTION_URL", src.as_uri())
+    monkeypatch.setattr(M, "INCEPTION_SHA256_PREFIX", prefix)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.delenv("VDMPP_OFFLINE")
+    return tmp_path / "hub" / "checkpoints" / M.INCEPTION_FILE
+
+
+def test_inception_weights_downloaded_when_online(tmp_path, monkeypatch):
+    import hashlib
+    import io
+
+    state = {k: torch.randn(2, 2) for k in M._INCEPTION_KEYS}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    blob = buf.getvalue()
+    dst = _serve(monkeypatch, tmp_path, blob, hashlib.sha256(blob).hexdigest()[:8])
+    safe = M.inception_weights(None)  # nothing local: fetched into torch hub's cache
+    assert dst.read_bytes() == blob
+    assert torch.load(safe, weights_only=True).keys() == state.keys()
+    assert [f.name for f in dst.parent.iterdir()] == [dst.name]  # no partial file left
+    assert M.inception_weights(None, required=False) == safe  # now found locally
+
+
+def test_inception_download_refused_on_digest_mismatch_or_offline(tmp_path, monkeypatch):
+    dst = _serve(monkeypatch, tmp_path, b"not the weights", "6726825d")
+    with pytest.raises(EvalError, match="does not start with 6726825d"):
+        M.inception_weights(None)
+    assert not dst.parent.exists() or not any(dst.parent.iterdir())  # nothing half-written
+    monkeypatch.setattr(M, "INCEPTION_URL", "http://inception.invalid/w.pth")
+    with pytest.raises(EvalError, match=r"Inception weights not found.*URLError"):
+        M.inception_weights(None)  # unreachable host: the offline message, with the reason
+
+    def never(*a, **k):
+        raise AssertionError("VDMPP_OFFLINE=1 must not touch the network")
+
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", never)
+    monkeypatch.setenv("VDMPP_OFFLINE", "1")
+    with pytest.raises(EvalError, match="VDMPP_OFFLINE is set"):
+        M.inception_weights(None)
+    assert not dst.exists()

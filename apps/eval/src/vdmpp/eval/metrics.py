@@ -7,8 +7,11 @@ keyed by a hash of the images, the extractor and its weights) under ``$VDMPP_CAC
 
 Inception weights offline. torch-fidelity's ``inception-v3-compat`` loads a state dict saved
 with ``torch.save`` (``feature_extractor_weights_path``). vdmpp-eval takes the file from
-``--inception-weights PATH`` or ``$VDMPP_INCEPTION_WEIGHTS`` (else torch hub's cache, where
-torch-fidelity itself downloads it), reads it with ``weights_only=True`` and checks the keys,
+``--inception-weights PATH`` or ``$VDMPP_INCEPTION_WEIGHTS``, else torch hub's cache, where
+torch-fidelity keeps it. When none is there and the machine is online, it is downloaded into
+that cache (its name's sha256 prefix checked, as torch hub does; ``VDMPP_OFFLINE=1`` never
+tries); offline, the error says what to fetch. The file is read with ``weights_only=True``,
+its keys are checked,
 and hands torch-fidelity a verified copy in its cache — never the user's file, which
 torch-fidelity would unpickle without restriction. The copy is named by the digests of the
 source and of itself and re-verified on every use (a swapped or torn file is rebuilt), and
@@ -39,6 +42,7 @@ __all__ = [
     "INCEPTION_URL",
     "compute_metrics",
     "create_extractor",
+    "download_inception",
     "extract_features",
     "inception_weights",
     "weights_only_torch_load",
@@ -49,16 +53,18 @@ INCEPTION_URL = (
     "weights-inception-2015-12-05-6726825d.pth"
 )
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_SHA256_PREFIX = "6726825d"  # torch hub's convention: the name carries the digest
 INCEPTION = "inception-v3-compat"
 _INCEPTION_KEYS = ("Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.conv.weight", "fc.weight")
 
 
-def _missing_weights_message(path: Path | None) -> str:
+def _missing_weights_message(path: Path | None, why: str = "") -> str:
     where = f"{path} does not exist. " if path is not None else ""
+    why = f" ({why})" if why else ""
     hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     return (
         f"Inception weights not found. {where}FID/IS/KID/PR use torch-fidelity's "
-        f"Inception-v3 ({INCEPTION}), whose weights this machine cannot download. Fetch\n"
+        f"Inception-v3 ({INCEPTION}), whose weights could not be downloaded{why}. Fetch\n"
         f"  {INCEPTION_URL}\n"
         f"(~92 MB) on a machine with internet access, copy it here, and pass "
         f"--inception-weights PATH or set VDMPP_INCEPTION_WEIGHTS=PATH (or put it at {hub})."
@@ -69,14 +75,19 @@ def inception_weights(path: str | Path | None = None, *, required: bool = True) 
     """A verified copy of the Inception state dict for torch-fidelity, or None if absent.
 
     ``path``: explicit file (an error if missing), else ``$VDMPP_INCEPTION_WEIGHTS``, else torch
-    hub's cache. With nothing found: EvalError naming what to download (``required``) or None.
+    hub's cache, downloaded there first when ``required`` and online. With nothing found:
+    EvalError naming what to download (``required``) or None.
     """
     explicit = path or os.environ.get("VDMPP_INCEPTION_WEIGHTS") or None
     p = Path(explicit) if explicit else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if not p.is_file():
-        if explicit or required:
-            raise EvalError(_missing_weights_message(p if explicit else None))
-        return None
+        if explicit:
+            raise EvalError(_missing_weights_message(p))
+        if not required:
+            return None
+        why = download_inception(p)
+        if why:
+            raise EvalError(_missing_weights_message(None, why))
     data = p.read_bytes()
     digest = hashlib.sha256(data).hexdigest()[:16]
     cache = cache_dir() / "eval"
@@ -104,6 +115,42 @@ def inception_weights(path: str | Path | None = None, *, required: bool = True) 
     tmp.write_bytes(blob)
     os.replace(tmp, safe)
     return safe
+
+
+def download_inception(dst: Path, *, timeout: float = 30.0) -> str:
+    """Fetch :data:`INCEPTION_URL` to ``dst`` atomically; "" on success, else why not.
+
+    The file's sha256 must start with :data:`INCEPTION_SHA256_PREFIX` (torch hub's check);
+    a failed or partial download leaves nothing behind. ``VDMPP_OFFLINE=1`` skips the attempt.
+    """
+    import sys
+    import urllib.request
+
+    if os.environ.get("VDMPP_OFFLINE", "") not in ("", "0"):
+        return "VDMPP_OFFLINE is set"
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        with urllib.request.urlopen(INCEPTION_URL, timeout=timeout) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            from tqdm import tqdm
+
+            with tqdm(total=total, unit="B", unit_scale=True, desc="Inception weights",
+                      disable=not sys.stderr.isatty()) as bar:
+                while chunk := r.read(1 << 20):
+                    h.update(chunk)
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        if not h.hexdigest().startswith(INCEPTION_SHA256_PREFIX):
+            return (f"the download's sha256 {h.hexdigest()[:16]}… does not start with "
+                    f"{INCEPTION_SHA256_PREFIX}")
+        os.replace(tmp, dst)
+        return ""
+    except Exception as e:  # offline, refused, timed out, disk full: say which
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}".rstrip(": ")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _verified(path: Path) -> bool:
