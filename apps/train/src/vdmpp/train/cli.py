@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 __all__ = ["main"]
 
+# Exit codes (vdmpp.train.status): 0 done, 2 config/command-line error (no run), 3 failed,
+# 4 stopped-nonfinite, 75 preempted (EX_TEMPFAIL: resume later).
 EXIT_CONFIG = 2
 EXIT_TRAINING = 3
+EXIT_NONFINITE = 4
+EXIT_PREEMPTED = 75
 
 _EPILOG = """\
 examples:
@@ -93,16 +96,25 @@ def main(argv: list[str] | None = None) -> int:
             print(dry_run(cfg, resume=a.resume))
             print(f"{a.config}: ok")
             return 0
-        from .trainer import TrainingError, train
+        from .config import resolve_path
+        from .status import EXIT_CODES
+        from .trainer import TrainingError, dist_env, train
 
+        # train() logs every failure (with its rank) to stderr and RUN/log.txt and writes
+        # RUN/status.json; here: the one JSON result line (rank 0) and the status's exit code.
         try:
-            result = train(cfg, resume=a.resume)
+            result = train(cfg, resume=a.resume, config_path=resolve_path(a.config))
         except TrainingError as e:
-            print(f"vdmpp-train: {e}", file=sys.stderr)
-            return EXIT_TRAINING
-        if os.environ.get("RANK", "0") == "0":  # one result line per run, not per rank
-            print(json.dumps(result))
-        return 0
+            result = e.result or {"status": e.status, "error": str(e)}
+        except ConfigError:
+            raise
+        except Exception as e:
+            result = getattr(e, "vdmpp_result", None)
+            if result is None:
+                raise
+        if dist_env()[0] == 0:  # one result line per run, not per rank
+            print(json.dumps(result), flush=True)
+        return EXIT_CODES.get(result.get("status"), EXIT_TRAINING)
     except ConfigError as e:
         print(f"vdmpp-train: error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -35,6 +37,8 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from . import config as config_mod
+from . import log as runlog
+from . import status as run_status
 from .config import Config, ConfigError
 from .data import (
     StreamSpec,
@@ -48,11 +52,31 @@ from .data import (
 from .export import clean_stale, export_step, write_export
 from .objective import Objective, build_net, model_spec, schedule_meta
 
-__all__ = ["TrainingError", "train"]
+__all__ = ["NonFiniteError", "PreemptedError", "TrainingError", "dist_env", "train"]
 
 
 class TrainingError(RuntimeError):
-    """Training stopped for a reason the user must look at (e.g. too many non-finite losses)."""
+    """Training stopped for a reason the user must look at (e.g. too many non-finite losses).
+
+    ``status`` is the run's final status (:mod:`vdmpp.train.status`); ``result`` is the result
+    record (step, out, ...) once :func:`train` has written ``status.json``.
+    """
+
+    status = "failed"
+    result: dict[str, Any] | None = None
+
+
+class NonFiniteError(TrainingError):
+    """``nan_patience`` non-finite losses/gradients in a row; a checkpoint was written."""
+
+    status = "stopped-nonfinite"
+
+
+class PreemptedError(TrainingError):
+    """A stop signal ended the run where no checkpoint could be written (a rank of several
+    waited on its data); ``--resume`` continues from the latest checkpoint."""
+
+    status = "preempted"
 
 
 # --- distributed ---------------------------------------------------------------------------------
@@ -81,11 +105,35 @@ class Dist:
         return t
 
 
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process: torchrun's variables, else srun's.
+
+    torchrun (and ``torch.distributed.run``) sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``. A
+    task of an ``srun`` job step started without torchrun has ``SLURM_PROCID``,
+    ``SLURM_STEP_NUM_TASKS`` (or ``SLURM_NTASKS``) and ``SLURM_LOCALID`` instead; they are used
+    only inside a job step (``SLURM_STEP_ID`` set: the batch script itself is not a rank) and
+    are copied to the torchrun names so that ``init_process_group("env://")`` finds them —
+    ``MASTER_ADDR``/``MASTER_PORT`` must then be exported by the job script.
+    """
+    env = os.environ
+    if "WORLD_SIZE" not in env and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+        if int(world) > 1:
+            env["WORLD_SIZE"], env["RANK"] = world, env["SLURM_PROCID"]
+            env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    return (int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")),
+            int(env.get("LOCAL_RANK", "0")))
+
+
 def init_distributed(cfg: Config) -> Dist:
-    """Read torchrun's environment; NCCL on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    """Read torchrun's (or srun's, :func:`dist_env`) environment; NCCL on GPUs, gloo on CPUs."""
+    rank, world, local = dist_env()
+    if world > 1 and not dist.is_initialized():
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise ConfigError(f"{world} ranks but {' and '.join(missing)} not set: start with "
+                              "torchrun, or export MASTER_ADDR (the first node) and MASTER_PORT "
+                              "in the job script")  # fmt: skip
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config: device = 'cuda' but no CUDA device is available")
@@ -100,6 +148,12 @@ def init_distributed(cfg: Config) -> Dist:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     py = random.getstate()
@@ -227,10 +281,13 @@ def _differs(saved: Any, cfg: Config) -> str:
 
 # --- the trainer ---------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: Config, *, resume: bool = False) -> None:
+    def __init__(self, cfg: Config, *, resume: bool = False,
+                 config_path: str | Path | None = None) -> None:  # fmt: skip
         self.cfg = cfg
+        self.config_path = config_path
         self.d = init_distributed(cfg)
         d = self.d
+        self.logger = runlog.configure("train", rank=d.rank)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=False)
             torch.backends.cudnn.benchmark = False
@@ -277,8 +334,12 @@ class Trainer:
         self._data_error: str | None = None
         if resume:
             self._load_latest()
+        self.start_step = self.step
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            runlog.attach_file(self.logger, self.out / "log.txt", self.summary())
+            run_status.write_status(self.out, "running", step=self.step, steps=cfg.steps,
+                                    out=str(self.out), pid=os.getpid())  # fmt: skip
             ckpt.write_atomic_bytes(config_mod.dumps(cfg).encode(), self.out / "config.toml")
             clean_stale(self.out / "export")
             for p in self.out.glob(".config.toml.*.tmp"):
@@ -375,8 +436,48 @@ class Trainer:
 
     # --- logging --------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
+        """An INFO line of rank 0 (stderr and RUN/log.txt); other ranks log nothing."""
         if self.d.main:
-            print(f"[vdmpp-train] {msg}", file=sys.stderr, flush=True)
+            self.logger.info(msg)
+
+    def warn(self, msg: str) -> None:
+        """A warning from any rank (stderr names the rank; rank 0's also go to log.txt)."""
+        self.logger.warning(msg)
+
+    def summary(self) -> list[str]:
+        """The start-up summary: the first lines of RUN/log.txt (and of a resumed section)."""
+        cfg, d = self.cfg, self.d
+        text = config_mod.dumps(cfg)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        n_model = sum(p.numel() for p in self.model.parameters())
+        n_sched = sum(p.numel() for p in getattr(self.objective.schedule, "parameters",
+                                                  lambda: [])())  # fmt: skip
+        src = str(Path(self.config_path).resolve()) if self.config_path else "(in memory)"
+        versions = ", ".join(f"{k} {v}" for k, v in runlog.vdmpp_versions().items())
+        start = (f"resumed from {self.resumed_from.name} at step {self.step}"
+                 if self.resumed_from is not None else f"new run from step {self.step}")
+        return [
+            f"vdmpp-train start-up summary: {cfg.name} -> {self.out}",
+            f"  config      {src} (sha256 {digest}); resolved: {self.out / 'config.toml'}",
+            f"  run         {start}, to step {cfg.steps}; seed {cfg.seed}",
+            f"  model       {cfg.model.name}: {n_model:,} parameters"
+            + (f" (+ {n_sched:,} in the learned schedule)" if n_sched else ""),
+            f"  objective   {cfg.objective.schedule} schedule"
+            + (" (adaptive)" if cfg.objective.adaptive else "")
+            + f", {cfg.objective.weighting} weighting, {cfg.objective.parameterization}"
+            f"-prediction, {cfg.objective.process}",
+            f"  device      {d.device} ({torch.cuda.get_device_name(d.device) if d.device.type == 'cuda' else 'CPU'}), "  # noqa: E501
+            f"precision {cfg.precision}, deterministic {str(cfg.deterministic).lower()}, "
+            f"compile {str(cfg.compile).lower()}",
+            f"  world       {d.world} rank(s) x {self.accum} accumulation step(s) x per-device "
+            f"batch {self.per_device} = global batch {self.global_batch}",
+            f"  data        {cfg.data.source} ({len(self.urls)} shard(s)), "
+            f"{cfg.data.resolution}x{cfg.data.resolution}x{cfg.data.channels}, "
+            f"{cfg.data.workers} worker(s) per stream",
+            f"  versions    {versions}",
+            f"  git         {runlog.git_sha() or 'n/a (not a git checkout)'}",
+            f"  host        {_hostname()} pid {os.getpid()}, python {sys.version.split()[0]}",
+        ]
 
     # --- one optimizer step ---------------------------------------------------------------------
     def _batch(self, i: int) -> tuple[Tensor, Tensor | None]:
@@ -608,12 +709,16 @@ class Trainer:
         metrics_f = open(self.out / "metrics.jsonl", "a") if d.main else None  # noqa: SIM115
         tb = self._tensorboard()
         bar = None
-        if d.main and cfg.log.progress:
+        console = runlog.console(self.logger)
+        if d.main and runlog.progress_allowed(cfg.log.progress):  # a terminal: never in a log
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.name, dynamic_ncols=True)
+            if console is not None:
+                console.bar = bar
+        self.t_start = time.time()
         window: dict[str, Any] = {"loss": 0.0, "n": 0, "gn": 0.0, "t": time.perf_counter(),
-                                  "imgs": 0, "bins": None}  # fmt: skip
+                                  "imgs": 0, "bins": None, "steps": 0}  # fmt: skip
         result: dict[str, Any] = {"status": "done"}
         try:
             with _Preemption() as pre:
@@ -630,6 +735,7 @@ class Trainer:
                         window["gn"] += m["grad_norm"]
                         window["n"] += 1
                     window["imgs"] += self.global_batch
+                    window["steps"] += 1
                     b = m["bins"]
                     window["bins"] = b if window["bins"] is None else window["bins"] + b
                     if bar is not None:
@@ -637,7 +743,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{m['loss']:.4g}", refresh=False)
                     if self.nonfinite_run >= cfg.nan_patience:
                         self.save_checkpoint()
-                        raise TrainingError(
+                        raise NonFiniteError(
                             f"{self.nonfinite_run} non-finite losses/gradients in a row at step "
                             f"{self.step}; checkpoint written, stopping (nan_patience)"
                         )
@@ -655,6 +761,8 @@ class Trainer:
                     if self.step % cfg.checkpoint.every == 0 or last:
                         self.save_checkpoint()
         finally:
+            if console is not None:
+                console.bar = None
             if bar is not None:
                 bar.close()
             if metrics_f is not None:
@@ -670,7 +778,7 @@ class Trainer:
         name = signal.Signals(pre.signal or signal.SIGTERM).name
         self.opt.zero_grad(set_to_none=True)
         if self.d.on:  # the other ranks are inside the step's collectives: no checkpoint
-            raise TrainingError(
+            raise PreemptedError(
                 f"{name} received while rank {self.d.rank} waited {pre.grace:g} s for data at "
                 f"step {self.step}: exiting without a new checkpoint (--resume continues from "
                 f"the latest one)"
@@ -680,6 +788,18 @@ class Trainer:
         self.log(f"{name} received while waiting for data: checkpoint at step {self.step}, "
                  f"exiting")  # fmt: skip
         return {"status": "preempted"}
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """Rank 0: ``RUN/status.json`` (atomic) and the result as the last line of log.txt."""
+        if not self.d.main:
+            return
+        fields = {k: v for k, v in result.items() if k not in ("status", "exit_code")}
+        fields["elapsed_s"] = time.time() - getattr(self, "t_start", time.time())
+        try:
+            run_status.write_status(self.out, result["status"], **fields)
+        except OSError as e:  # a full disk must not hide the outcome itself
+            self.warn(f"could not write {self.out / run_status.FILE}: {e}")
+        self.log("result: " + json.dumps(result))
 
     def close(self) -> None:
         """Stop the DataLoader workers now (they ignore SIGTERM: ``data.ignore_stop_signals``)."""
@@ -693,9 +813,29 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            self.log("log.tensorboard = true but tensorboard is not installed; skipping")
+            self.warn("log.tensorboard = true but the tensorboard package is not installed: no "
+                      "TensorBoard scalars (pip install 'vdmpp-train[tensorboard]')")
             return None
         return SummaryWriter(str(self.out / "tensorboard"))
+
+    @torch.no_grad()
+    def lambda_spread(self, n: int = 512) -> dict[str, float]:
+        """How widely the schedule spreads training over log-SNR: λ(t) for t ~ U(0, 1) has the
+        schedule's density p(λ) (VDM++ §2, eq. 6), so the midpoint rule over t gives its mean
+        and standard deviation, and λ(0.95), λ(0.5), λ(0.05) its 5 %, 50 % and 95 % quantiles
+        (λ decreases in t). For the adaptive schedule this tracks p(λ) ∝ E[loss | λ] (VDM++
+        App. F) as it moves. One host read, at a log interval only."""
+        sched = self.objective.schedule
+        dev = self.d.device
+        t = torch.cat([(torch.arange(n, device=dev, dtype=torch.float32) + 0.5) / n,
+                       torch.tensor([0.95, 0.5, 0.05], device=dev)])  # fmt: skip
+        lam = sched.logsnr(t).double()
+        grid, q = lam[:n], lam[n:]
+        mean, std, q05, q50, q95 = torch.cat(
+            [grid.mean().reshape(1), grid.std(unbiased=False).reshape(1), q]
+        ).tolist()
+        return {"lambda_mean": mean, "lambda_std": std, "lambda_q05": q05, "lambda_q50": q50,
+                "lambda_q95": q95}  # fmt: skip
 
     def _log_metrics(self, m: dict, window: dict, f: Any, tb: Any) -> None:
         cfg = self.cfg
@@ -703,27 +843,33 @@ class Trainer:
         corrupt = self.corrupt_total()
         spread = self.schedule_spread()
         if not self.d.main:
-            window.update(loss=0.0, n=0, gn=0.0, imgs=0, bins=None, t=time.perf_counter())
+            window.update(loss=0.0, n=0, gn=0.0, imgs=0, bins=None, t=time.perf_counter(),
+                          steps=0)  # fmt: skip
             return
         now = time.perf_counter()
         n = max(window["n"], 1)
+        lam = self.lambda_spread()
         sched = self.objective.schedule
         lo, hi = (float(torch.as_tensor(v).detach()) for v in (sched.logsnr_min, sched.logsnr_max))
         edges = torch.linspace(lo, hi, cfg.log.loss_bins + 1).tolist()
         per_bin = (bins[0] / bins[1].clamp_min(1)).tolist()
+        dt = max(now - window["t"], 1e-9)
         rec: dict[str, Any] = {
             "step": self.step,
+            "wall_time": time.time(),
+            "elapsed_s": time.time() - self.t_start,
             "images": self.step * self.global_batch,
             "loss": window["loss"] / n if window["n"] else float("nan"),
             "lr": m["lr"],
             "grad_norm": window["gn"] / n if window["n"] else float("nan"),
-            "images_per_s": window["imgs"] / max(now - window["t"], 1e-9),
+            "images_per_s": window["imgs"] / dt,
             "loss_per_logsnr_bin": {
                 "edges": edges,
                 "loss": [v if c > 0 else None for v, c in zip(per_bin, bins[1].tolist())],
             },
             "nonfinite_steps": self.nonfinite_total,
             "corrupt_samples": corrupt,
+            **lam,
         }
         if hasattr(sched, "cdf"):
             rec["adaptive_rank_spread"] = spread
@@ -731,25 +877,68 @@ class Trainer:
         f.write(json.dumps(rec) + "\n")
         f.flush()
         if tb is not None:
-            for k in ("loss", "lr", "grad_norm", "images_per_s", "corrupt_samples"):
+            for k in ("loss", "lr", "grad_norm", "images_per_s", "nonfinite_steps",
+                      "corrupt_samples", "lambda_std", "lambda_q05", "lambda_q95"):  # fmt: skip
                 tb.add_scalar(k, rec[k], self.step)
-        window.update(loss=0.0, n=0, gn=0.0, imgs=0, bins=None, t=now)
+            tb.flush()
+        steps_per_s = window["steps"] / dt
+        left = (cfg.steps - self.step) / steps_per_s if steps_per_s > 0 else float("inf")
+        self.log(f"step {self.step}/{cfg.steps} | {rec['images_per_s']:.1f} img/s | loss "
+                 f"{rec['loss']:.4g} | grad norm {rec['grad_norm']:.3g} | lr {rec['lr']:.3g} | "
+                 f"nonfinite {self.nonfinite_total} | corrupt {corrupt} | λ std "
+                 f"{lam['lambda_std']:.2f} | ETA {runlog.eta(left)}")  # fmt: skip
+        window.update(loss=0.0, n=0, gn=0.0, imgs=0, bins=None, t=now, steps=0)
 
 
-def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` (validated first); return {"status", "step", "out", "nonfinite"}."""
+def train(cfg: Config, *, resume: bool = False,
+          config_path: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train ``cfg`` (validated first); return the result record.
+
+    The record is {"status", "step", "steps", "out", "nonfinite", "exit_code"} with status
+    ``done`` or ``preempted``; a run that stops otherwise raises :class:`TrainingError`
+    (``stopped-nonfinite``: :class:`NonFiniteError`; ``failed``) with the record as its
+    ``result``; any other exception carries it as ``vdmpp_result``. Rank 0 writes the status
+    to ``RUN/status.json`` and the record as the last line of ``RUN/log.txt``
+    (:mod:`vdmpp.train.status`). ``config_path`` is the config file, for the log's summary.
+    """
     cfg.validate()
-    trainer = Trainer(cfg, resume=resume)
+    logger = logging.getLogger("vdmpp.train")
+    try:
+        trainer = Trainer(cfg, resume=resume, config_path=config_path)
+    except BaseException:
+        runlog.close(logger)
+        raise
     d = trainer.d
     ok = False
+    result: dict[str, Any] = {"status": "failed"}
     try:
-        result = trainer.run()
-        ok = True
+        try:
+            result = trainer.run()
+            ok = True
+        except TrainingError as e:
+            result = {"status": e.status, "error": str(e)}
+            e.result = result
+            (logger.warning if e.status == "preempted" else logger.error)(str(e))
+            raise
+        except BaseException as e:
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            result = {"status": "failed", "error": why}
+            with contextlib.suppress(AttributeError, TypeError):
+                e.vdmpp_result = result  # type: ignore[attr-defined]
+            logger.error("training failed: %s", why, exc_info=not isinstance(
+                e, KeyboardInterrupt | ConfigError))  # fmt: skip
+            raise
+        finally:
+            result.update(step=trainer.step, steps=cfg.steps, out=str(trainer.out),
+                          nonfinite=trainer.nonfinite_total,
+                          exit_code=run_status.EXIT_CODES[result["status"]])  # fmt: skip
+            trainer.finish(result)
         return result
     finally:
         trainer.close()
         if d.on and dist.is_initialized():
             _teardown(trainer, barrier=ok)
+        runlog.close(logger)
 
 
 def _teardown(trainer: Trainer, *, barrier: bool) -> None:

@@ -1,0 +1,200 @@
+"""Logging that fits a cluster: one named logger per app, ``RUN/log.txt`` on rank 0.
+
+* ``configure("train", rank=r)`` sets up the logger ``vdmpp.train`` (``vdmpp.eval`` for the eval
+  app): on rank 0, INFO and above go to stderr; on other ranks only warnings and errors, and
+  every console line names its rank. Lines carry a timestamp.
+* :func:`attach_file` adds ``RUN/log.txt`` (appended to on resume); messages logged before the
+  file was opened are written after the start-up summary, so a log starts with the summary.
+* :func:`progress_allowed`: a tqdm bar only when its stream (stderr) is a terminal — in a
+  SLURM/torchrun log a bar is thousands of ``\\r`` updates; there the periodic status lines
+  are the progress.
+* :class:`ConsoleHandler` writes through ``tqdm.write`` while a bar is shown, so log lines and
+  the bar do not overwrite each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = [
+    "ConsoleHandler",
+    "attach_file",
+    "close",
+    "configure",
+    "git_sha",
+    "progress_allowed",
+    "vdmpp_versions",
+]
+
+_TAG = "_vdmpp_handler"  # marks handlers this module added (so configure() can replace them)
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, app: str, rank: int | None, datefmt: str) -> None:
+        super().__init__(datefmt=datefmt)
+        self.app, self.rank = app, rank
+
+    def format(self, record: logging.LogRecord) -> str:
+        who = f"vdmpp-{self.app}" if self.rank is None else f"vdmpp-{self.app} rank {self.rank}"
+        level = "" if record.levelno == logging.INFO else f"{record.levelname}: "
+        msg = record.getMessage().replace("\r", "")
+        text = f"{self.formatTime(record, self.datefmt)} [{who}] {level}{msg}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class ConsoleHandler(logging.Handler):
+    """stderr; through ``bar.write`` while a tqdm ``bar`` is shown (``handler.bar = bar``)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__()
+        self._stream = stream
+        self.bar: Any = None
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream if self._stream is not None else sys.stderr  # pytest swaps stderr
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            if self.bar is not None:
+                self.bar.write(msg, file=self.stream)
+            else:
+                self.stream.write(msg + "\n")
+                self.stream.flush()
+        except Exception:  # logging must never take the run down
+            self.handleError(record)
+
+
+def configure(app: str, *, rank: int = 0, stream: TextIO | None = None) -> logging.Logger:
+    """The logger ``vdmpp.<app>`` with a fresh console handler for this process's rank."""
+    logger = logging.getLogger(f"vdmpp.{app}")
+    close(logger)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    h = ConsoleHandler(stream)
+    h.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    h.setFormatter(_Formatter(app, rank if rank else None, "%H:%M:%S"))
+    setattr(h, _TAG, True)
+    logger.addHandler(h)
+    if rank == 0:  # keep what is logged before log.txt opens, to write it after the summary
+        buf = _Buffer()
+        setattr(buf, _TAG, True)
+        logger.addHandler(buf)
+    return logger
+
+
+class _Buffer(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < 1000:
+            self.records.append(record)
+
+
+def attach_file(logger: logging.Logger, path: str | Path, summary: list[str]) -> Path:
+    """Open ``path`` (append), write ``summary`` first, then what was logged before it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffered: list[logging.LogRecord] = []
+    for h in list(logger.handlers):
+        if isinstance(h, _Buffer):
+            buffered = h.records
+            logger.removeHandler(h)
+    fh = logging.FileHandler(path, mode="a", encoding="utf-8")
+    fh.setFormatter(_FileFormatter())
+    setattr(fh, _TAG, True)
+    logger.addHandler(fh)
+    for line in summary:
+        logger.info(line)
+    for rec in buffered:
+        fh.handle(rec)
+    return path
+
+
+class _FileFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\r", "")
+
+
+def close(logger: logging.Logger) -> None:
+    """Remove and close the handlers :func:`configure`/:func:`attach_file` added."""
+    for h in list(logger.handlers):
+        if getattr(h, _TAG, False):
+            logger.removeHandler(h)
+            with contextlib.suppress(Exception):
+                h.close()
+
+
+def console(logger: logging.Logger) -> ConsoleHandler | None:
+    return next((h for h in logger.handlers if isinstance(h, ConsoleHandler)), None)
+
+
+def progress_allowed(requested: bool, stream: TextIO | None = None) -> bool:
+    """A progress bar only when asked for and its stream (stderr) is a terminal."""
+    s = stream if stream is not None else sys.stderr
+    try:
+        return bool(requested and s.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def vdmpp_versions() -> dict[str, str]:
+    """``{distribution: version}`` of torch and every installed ``vdmpp-*`` distribution."""
+    from importlib.metadata import PackageNotFoundError, distributions, version
+
+    out: dict[str, str] = {}
+    with contextlib.suppress(PackageNotFoundError):
+        out["torch"] = version("torch")
+    for d in distributions():
+        name = (d.metadata.get("Name") or "").lower().replace("_", "-")
+        if name.startswith("vdmpp"):
+            out[name] = d.version
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] != "torch", kv[0])))
+
+
+def git_sha(where: str | Path | None = None) -> str | None:
+    """The commit of the git tree holding ``where`` (this package by default), or None.
+
+    Cheap and silent: one ``git rev-parse`` with a 2 s limit; no git, no tree → None.
+    """
+    where = Path(where) if where is not None else Path(__file__).resolve().parent
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=where, timeout=2,
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = r.stdout.strip()
+    return sha if r.returncode == 0 and sha else None
+
+
+def eta(seconds: float) -> str:
+    """``1d02h03m`` / ``2h03m`` / ``3m04s`` / ``5s``."""
+    if seconds != seconds or seconds in (float("inf"), float("-inf")) or seconds < 0:
+        return "?"
+    s = int(seconds + 0.5)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h:02d}h{m:02d}m"
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
