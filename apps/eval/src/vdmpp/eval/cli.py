@@ -8,16 +8,23 @@
     vdmpp-eval plot --out plots/ [--run RUN]
 
 User errors (bad paths, formats, arguments) print one line to stderr and exit with status 2.
+So does a training run that is not ``done`` (its ``status.json`` says preempted, running,
+stopped-nonfinite or failed): ``sample``, ``metrics`` and ``bpd`` refuse to report results of
+it unless ``--allow-partial`` is given. Progress bars only on a terminal; otherwise (a SLURM or
+CI log) plain timestamped lines from the ``vdmpp.eval`` logger on stderr. The result is one
+JSON document on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,8 @@ import numpy as np
 from .model import EvalError
 
 __all__ = ["main"]
+
+_log = logging.getLogger("vdmpp.eval")
 
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
@@ -106,6 +115,32 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_allow_partial(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-partial", action="store_true",
+                   help="use a training run whose status.json is not 'done' (preempted, "
+                   "running, stopped-nonfinite, failed); its numbers are not final")
+
+
+def _progress(a: argparse.Namespace) -> bool:
+    """A tqdm bar only when asked for and stderr is a terminal (never ``\\r`` in a log)."""
+    from vdmpp.train.log import progress_allowed
+
+    return progress_allowed(not a.no_progress)
+
+
+def _require_done(path: str | Path, a: argparse.Namespace) -> None:
+    """Refuse a run that did not finish (``RUN/status.json``), unless ``--allow-partial``."""
+    from vdmpp.train.status import StatusError, require_done
+
+    try:
+        rec = require_done(path, allow_partial=a.allow_partial)
+    except StatusError as e:
+        raise EvalError(str(e)) from None
+    if rec is not None and rec.get("status") != "done":
+        _log.warning("%s: the training run is %s (--allow-partial): these numbers are not "
+                     "final", path, rec.get("status"))
+
+
 def _spec(a: argparse.Namespace):
     from .sampling import SampleSpec
 
@@ -130,6 +165,7 @@ def cmd_sample(a: argparse.Namespace) -> dict[str, Any]:
 
     seeds = parse_seeds(a.seeds)
     rank, world, local = _dist()
+    _require_done(a.checkpoint, a)
     device = _device(a.device)
     if device == "cuda" and world > 1:
         device = f"cuda:{local}"
@@ -145,8 +181,13 @@ def cmd_sample(a: argparse.Namespace) -> dict[str, Any]:
         dist.barrier()
     if rank != 0:
         check_settings(out, settings_record(spec, meta, a.checkpoint))
+    _log.info("sample: %d seeds (%s, %d steps) with %s -> %s, %d rank(s)", len(seeds),
+              a.sampler, a.steps, a.checkpoint, out, world)
+    t0 = time.time()
     stats = run_shard(model, meta, seeds, spec, out, rank=rank, world=world, chunk=a.chunk,
-                      batch_size=a.batch, device=device, progress=not a.no_progress)
+                      batch_size=a.batch, device=device, progress=_progress(a))
+    _log.info("sample: rank %d drew %d images (%d on disk already) in %.1f s", rank,
+              stats.get("done", 0), stats.get("skipped", 0), time.time() - t0)
     if world > 1:
         dist.barrier()
     result = {"out": str(out), "images": len(seeds), "rank": rank, "world": world, **stats}
@@ -188,9 +229,18 @@ def cmd_metrics(a: argparse.Namespace) -> dict[str, Any]:
                   ) or src.suffix == ".npz"
     model = meta = images = labels = seeds = None
     if is_samples:
+        made_by = src / "sample.json" if src.is_dir() else src.with_name("sample.json")
+        if made_by.is_file():  # the samples' own run must be done too
+            try:
+                ckpt_path = json.loads(made_by.read_text()).get("checkpoint")
+            except (OSError, UnicodeDecodeError, ValueError):
+                ckpt_path = None
+            if isinstance(ckpt_path, str):
+                _require_done(ckpt_path, a)
         images, labels = load_images(src)
         shape = tuple(images.shape[1:])
     else:
+        _require_done(src, a)
         model, meta = load_model(src, a.device)
         seeds = parse_seeds(a.seeds) if a.seeds else list(range(a.num))
         _spec(a).validate(meta)
@@ -204,7 +254,8 @@ def cmd_metrics(a: argparse.Namespace) -> dict[str, Any]:
                         f"OUT --resolution {shape[0]})")
     if images is None:  # sample now, every check passed
         bar = None
-        if not a.no_progress:
+        _log.info("metrics: sampling %d images from %s", len(seeds), src)
+        if _progress(a):
             from tqdm import tqdm
 
             bar = tqdm(total=len(seeds), unit="img", desc="sample", dynamic_ncols=True)
@@ -215,6 +266,8 @@ def cmd_metrics(a: argparse.Namespace) -> dict[str, Any]:
         if labels is None:
             labels = np.full(len(seeds), -1)
     cuda = torch.cuda.is_available() and a.device.startswith("cuda")
+    _log.info("metrics: %d samples against %d reference images (%s)", len(images), len(ref),
+              a.ref)
     out: dict[str, Any] = {"samples": len(images), "reference": len(ref), "ref": a.ref}
     if digits_ref:
         from . import digits
@@ -246,14 +299,18 @@ def cmd_bpd(a: argparse.Namespace) -> dict[str, Any]:
     from .data import load_images
     from .model import load_model
 
+    _require_done(a.checkpoint, a)
     device = _device(a.device)
     model, meta = load_model(a.checkpoint, device)
     images, labels = load_images(a.data, resolution=int(meta["resolution"]),
                                  num_classes=meta.get("num_classes"))
     if a.limit:
         images, labels = images[: a.limit], labels[: a.limit]
+    _log.info("bpd: %d images x %d draws of %s", len(images), a.draws, a.data)
+    t0 = time.time()
     r = bpd_of_export(model, meta, images, labels, draws=a.draws, steps=a.discrete_steps,
-                      batch_size=a.batch, seed=a.seed, progress=not a.no_progress)
+                      batch_size=a.batch, seed=a.seed, progress=_progress(a))
+    _log.info("bpd: %.4f ± %.4f bits/dim in %.1f s", r.bpd, r.stderr, time.time() - t0)
     return {"data": a.data, **r.as_dict()}
 
 
@@ -265,7 +322,7 @@ def cmd_plot(a: argparse.Namespace) -> dict[str, Any]:
     if a.run:
         run = a.run
         jobs.append((lambda path: plot_run(run, path), out / "run.png"))
-    if not a.no_progress:
+    if _progress(a):
         from tqdm import tqdm
 
         jobs = tqdm(jobs, unit="plot", desc="plot", dynamic_ncols=True)
@@ -287,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk", type=int, default=500, help="seeds per resumable chunk file")
     s.add_argument("--grid", type=int, default=64, help="images in grid.png (0: none)")
     _add_sampling_args(s)
+    _add_allow_partial(s)
 
     m = sub.add_parser("metrics", help="FID/IS/KID/PR (and the digits FD/accuracy)",
                        formatter_class=fmt)
@@ -302,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num", type=int, default=1000, help="images to sample from a checkpoint")
     m.add_argument("--seeds", default=None, help="seeds to sample (overrides --num)")
     _add_sampling_args(m)
+    _add_allow_partial(m)
 
     b = sub.add_parser("bpd", help="VDM bound in bits/dim on held-out data", formatter_class=fmt)
     b.add_argument("checkpoint", help="run dir, RUN/export or RUN/export/ema.safetensors")
@@ -313,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of the (t, ε) draws")
     b.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_allow_partial(b)
 
-    q = sub.add_parser("plot", help="schedules p(λ), weightings w(λ), a run's adaptive density",
+    q = sub.add_parser("plot", help="schedules, weightings, a run's p(λ) and training curves",
                        formatter_class=fmt)
     q.add_argument("--out", required=True, help="directory for the PNG files")
     q.add_argument("--run", default=None, help="a vdmpp-train run directory")
@@ -347,6 +407,9 @@ _COMMANDS = {"sample": cmd_sample, "metrics": cmd_metrics, "bpd": cmd_bpd, "plot
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    from vdmpp.train.log import configure
+
+    configure("eval", rank=_dist()[0], buffer=False)
     try:
         if hasattr(a, "device"):  # checked before any work
             a.device = _device(a.device)

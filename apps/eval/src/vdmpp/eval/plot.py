@@ -1,9 +1,11 @@
 """``vdmpp-eval plot``: schedules as p(λ) and weightings as w(λ) (VDM++ Figures 2–3), and a
-training run's adaptive density and per-λ-bin loss from its ``metrics.jsonl``. PNG files."""
+training run's adaptive density, per-λ-bin loss and training curves (loss, gradient norm,
+learning rate, throughput against step) from its ``metrics.jsonl``. PNG files."""
 
 from __future__ import annotations
 
 import json
+import math
 from itertools import pairwise
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import torch
 
 from .model import EvalError
 
-__all__ = ["plot_run", "plot_schedules", "plot_weightings"]
+__all__ = ["CURVES", "curve", "plot_run", "plot_schedules", "plot_weightings", "read_metrics"]
 
 LAM = (-15.0, 15.0)
 
@@ -74,8 +76,17 @@ def plot_weightings(path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_run(run: str | Path, path: str | Path) -> Path:
-    """The last adaptive density and per-λ-bin loss recorded in ``RUN/metrics.jsonl``."""
+# (metrics.jsonl key, axis title, log scale) of the training curves drawn against step
+CURVES = (
+    ("loss", "training loss (mean over the log interval)", True),
+    ("grad_norm", "gradient norm (before clipping)", True),
+    ("lr", "learning rate", False),
+    ("images_per_s", "throughput (images/s)", False),
+)
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """The records of ``RUN/metrics.jsonl`` (or that file); a torn last line is skipped."""
     run = Path(run)
     metrics = run / "metrics.jsonl" if run.is_dir() else run
     if not metrics.is_file():
@@ -83,14 +94,36 @@ def plot_run(run: str | Path, path: str | Path) -> Path:
     recs = []
     for line in metrics.read_text().splitlines():
         try:
-            recs.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line
+        if isinstance(rec, dict):
+            recs.append(rec)
     if not recs:
         raise EvalError(f"{metrics}: no records")
+    return recs
+
+
+def curve(recs: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of ``key``; records without it or with a non-finite value are left out.
+    A resumed run logs a step again: the later record wins."""
+    by_step: dict[float, float] = {}
+    for r in recs:
+        v, s = r.get(key), r.get("step")
+        if isinstance(v, int | float) and isinstance(s, int | float) and math.isfinite(v):
+            by_step[s] = float(v)
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def plot_run(run: str | Path, path: str | Path) -> Path:
+    """A training run from ``RUN/metrics.jsonl``: its last adaptive density p(λ) and per-λ-bin
+    loss (VDM++ App. F), and loss, gradient norm, learning rate and throughput against step."""
+    recs = read_metrics(run)
     last = recs[-1]
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    a1, a2 = axes[0][0], axes[0][1]
     lo, hi = LAM
     bins = last.get("loss_per_logsnr_bin")
     if bins:
@@ -112,6 +145,15 @@ def plot_run(run: str | Path, path: str | Path) -> Path:
     else:
         a1.text(0.5, 0.5, "no adaptive schedule in this run", ha="center", va="center")
     a1.set(xlabel="log-SNR λ", ylabel="p(λ)")
+    for ax, (key, title, log) in zip([axes[0][2], *axes[1]], CURVES):
+        steps, values = curve(recs, key)
+        if steps:
+            ax.plot(steps, values, marker="." if len(steps) < 50 else None)
+            if log and min(values) > 0:
+                ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, f"no {key} in metrics.jsonl", ha="center", va="center")
+        ax.set(xlabel="step", ylabel=key, title=title)
     return _save(fig, path)
 
 

@@ -74,8 +74,10 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def configure(app: str, *, rank: int = 0, stream: TextIO | None = None) -> logging.Logger:
-    """The logger ``vdmpp.<app>`` with a fresh console handler for this process's rank."""
+def configure(app: str, *, rank: int = 0, stream: TextIO | None = None,
+              buffer: bool = True) -> logging.Logger:  # fmt: skip
+    """The logger ``vdmpp.<app>`` with a fresh console handler for this process's rank
+    (``buffer``: keep rank 0's records for :func:`attach_file`)."""
     logger = logging.getLogger(f"vdmpp.{app}")
     close(logger)
     logger.setLevel(logging.INFO)
@@ -85,7 +87,7 @@ def configure(app: str, *, rank: int = 0, stream: TextIO | None = None) -> loggi
     h.setFormatter(_Formatter(app, rank if rank else None, "%H:%M:%S"))
     setattr(h, _TAG, True)
     logger.addHandler(h)
-    if rank == 0:  # keep what is logged before log.txt opens, to write it after the summary
+    if rank == 0 and buffer:  # what is logged before log.txt opens: written after the summary
         buf = _Buffer()
         setattr(buf, _TAG, True)
         logger.addHandler(buf)
