@@ -24,16 +24,17 @@ def _group_gone(pgid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_faults_group_signal_with_workers_checkpoints_and_exits_0(launch, train_argv, tmp_path,
-                                                                   sig) -> None:
+def test_faults_group_signal_with_workers_checkpoints_and_exits_75(launch, train_argv, tmp_path,
+                                                                    sig) -> None:
     run = tmp_path / "run"
     p = launch(train_argv(run, "steps=100000", "data.workers=2", "checkpoint.every=100000"))
     p.wait_until(lambda: len(metrics_steps(run)) >= 1)
     p.kill_group(sig)  # what torchrun/SLURM/a terminal do: the workers get it too
     rc, out, err = p.finish()
-    assert rc == 0, err[-3000:]
+    assert rc == 75, err[-3000:]  # preempted: EX_TEMPFAIL (vdmpp.train.status)
     result = json.loads(out.strip().splitlines()[-1])
     assert result["status"] == "preempted", out
+    assert json.loads((run / "status.json").read_text())["status"] == "preempted"
     (step, path), *_ = reversed(list_checkpoints(run / "checkpoints"))
     assert step == result["step"] >= 5
     assert find_latest(run / "checkpoints")[0] == path
