@@ -38,6 +38,7 @@ def _shards(tmp: Path, bad: str) -> Path:
                  labels=labels)
         write_shards(npz, tmp / f"w-{bad}", maxcount=5000)
         shutil.copy(tmp / f"w-{bad}" / "shard-000000.tar", bad_tar)
+    (root / "dataset.json").unlink()  # a hand-assembled folder: its manifest lists 1 shard
     return root
 
 

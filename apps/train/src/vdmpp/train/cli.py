@@ -55,15 +55,64 @@ def _train_parser() -> argparse.ArgumentParser:
 def _shards_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vdmpp-train shards",
-        description="Write shuffled WebDataset shards (PNG + cls) from an image folder with one "
-        "sub-folder per class, an .npz (images [N,H,W,C] uint8, labels), or 'digits'.",
+        description="Write shuffled WebDataset shards (PNG + cls) and a manifest (dataset.json: "
+        "counts, classes, resolution, sha256 per shard) from an image folder (unlabeled), a "
+        "class-folder tree (labels from sorted folder names, labels.json), a CIFAR-10/100 python "
+        "tarball, an .npz (images NHWC/NCHW uint8, optional labels) or 'digits'. Images are "
+        "centre-cropped and resized (Lanczos) to --resolution; unreadable ones are skipped and "
+        "listed in OUT/skipped.txt. `vdmpp-train shards DIR --verify` checks written shards.",
+        epilog="examples:\n"
+        "  vdmpp-train shards cifar-10-python.tar.gz shards/cifar10\n"
+        "  vdmpp-train shards cifar-10-python.tar.gz shards/cifar10-test --split test\n"
+        "  vdmpp-train shards /data/imagenet/train shards/in64 --resolution 64 --workers 16\n"
+        "  vdmpp-train shards shards/in64 --verify",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", help="'digits', an .npz file, or a folder of class sub-folders")
-    p.add_argument("out", help="output directory (shard-NNNNNN.tar + dataset.json)")
-    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
-    p.add_argument("--resolution", type=int, default=None, help="resize/pad to this side")
+    p.add_argument("src", help="image folder, class-folder tree, CIFAR tarball, .npz or 'digits'")
+    p.add_argument("out", nargs="?", help="output directory (shard-NNNNNN.tar + dataset.json)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="side after centre crop + resize (default: the first image's)")
+    p.add_argument("--shard-size", "--maxcount", dest="maxcount", type=int, default=1000,
+                   help="samples per shard (default 1000)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: the CPUs available, at most 16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    p.add_argument("--split", choices=["train", "test", "all"], default=None,
+                   help="CIFAR: train (default) or test; digits: train, test or all")
+    p.add_argument("--labels", choices=["auto", "folders", "none"], default="auto",
+                   help="image folders: class sub-folders or unlabeled (auto: folders unless "
+                   "images lie directly in SRC)")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="1 or 3 (default: the first image's; colour into 1 converts to grey)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    p.add_argument("--verify", action="store_true",
+                   help="check the shards in SRC against their manifest (sizes and sha256)")
     return p
+
+
+def _shards(argv: list[str]) -> int:
+    """``vdmpp-train shards``: write shards (or ``--verify`` them); one JSON line on stdout."""
+    from .shards import default_workers, skipped_line, verify_shards, write_shards
+
+    p = _shards_parser()
+    a = p.parse_args(argv)
+    workers = a.workers if a.workers is not None else default_workers()
+    if a.verify:
+        if a.out is not None:
+            p.error("--verify takes one shard folder: vdmpp-train shards DIR --verify")
+        meta = verify_shards(a.src, workers=workers)
+        print(json.dumps({"verified": a.src, "shards": meta["shards"], "count": meta["count"]}))
+        return 0
+    if a.out is None:
+        p.error("the following arguments are required: out")
+    meta = write_shards(a.src, a.out, maxcount=a.maxcount, resolution=a.resolution, seed=a.seed,
+                        workers=workers, progress=not a.no_progress, split=a.split,
+                        labels=a.labels, channels=a.channels)  # fmt: skip
+    line = skipped_line(meta, a.out)
+    if line:
+        print(f"vdmpp-train shards: warning: {line}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,14 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if argv and argv[0] == "shards":
-            a = _shards_parser().parse_args(argv[1:])
-            from .data import write_shards
-
-            meta = write_shards(
-                a.src, a.out, maxcount=a.maxcount, resolution=a.resolution, seed=a.seed
-            )
-            print(json.dumps(meta))
-            return 0
+            return _shards(argv[1:])
         if argv and argv[0] == "configs":
             from .config import builtin_configs
 

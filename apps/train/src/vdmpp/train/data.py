@@ -1,4 +1,4 @@
-"""WebDataset shards: writing them (image folder, .npz, digits) and streaming them for training.
+"""WebDataset shards: streaming them for training (:mod:`.shards` writes them and their manifest).
 
 A shard is a tar of samples ``<key>.png`` (8-bit L or RGB) + ``<key>.cls`` (the class index as
 text); nothing is pickled, and reading decodes only PNG and integers.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import random
 import signal
 from collections.abc import Iterator
@@ -36,8 +35,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import ConfigError
+from .shards import (
+    DIGITS_SPLITS,
+    MANIFEST,
+    SRC_KINDS,
+    check_manifest,
+    digits_images,
+    shards_command,
+    write_shards,
+)
 
 __all__ = [
+    "DIGITS_SPLITS",
     "ShardStream",
     "StreamSpec",
     "StreamStarved",
@@ -46,11 +55,9 @@ __all__ = [
     "make_loader",
     "probe",
     "shutdown_loader",
+    "validate_manifests",
     "write_shards",
 ]
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-
 
 def stable_seed(*parts: Any) -> int:
     """A 63-bit seed from any printable parts, the same in every process and Python run."""
@@ -58,217 +65,49 @@ def stable_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-# --- sources -------------------------------------------------------------------------------------
-DIGITS_SPLITS = ("train", "test", "all")
-
-
-def digits_images(resolution: int = 16, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits (1797 8×8 images, 10 classes) as uint8 [N, res, res, 1].
-
-    Pixel values 0..16 are scaled to 0..255, upscaled by the largest integer factor that fits
-    (nearest neighbour, so strokes stay crisp) and zero-padded to the centre.
-
-    The split (the one definition every vdmpp app uses): every 5th image (i % 5 == 0, 360
-    images) is ``test``, the other 1437 are ``train``; training uses ``train`` so that
-    vdmpp-eval's bits/dim and metrics on ``test`` are held out.
-    """
-    from sklearn.datasets import load_digits
-
-    if resolution < 8:
-        raise ConfigError(f"digits need a resolution >= 8, got {resolution}")
-    if split not in DIGITS_SPLITS:
-        raise ConfigError(f"digits split must be one of {DIGITS_SPLITS}, got {split!r}")
-    d = load_digits()
-    if split != "all":
-        keep = (np.arange(len(d.target)) % 5 == 0) == (split == "test")
-        d.images, d.target = d.images[keep], d.target[keep]
-    img = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    f = resolution // 8
-    img = img.repeat(f, axis=1).repeat(f, axis=2)
-    pad = resolution - 8 * f
-    lo = pad // 2
-    img = np.pad(img, ((0, 0), (lo, pad - lo), (lo, pad - lo)))
-    return img[..., None], d.target.astype(np.int64)
-
-
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-            ik = next((k for k in ("images", "x", "arr_0") if k in keys), None)
-            if ik is None:
-                raise ConfigError(
-                    f"{path}: no 'images' (or 'x', 'arr_0') array; has {sorted(keys)}"
-                )
-            images = z[ik]
-            lk = next((k for k in ("labels", "y", "arr_1") if k in keys), None)
-            labels = z[lk] if lk else None
-    except ConfigError:
-        raise
-    except Exception as e:  # object arrays (pickles, refused), torn zips, not an npz at all
-        raise ConfigError(f"{path}: not a readable .npz of numeric arrays (pickled object "
-                          f"arrays are refused): {str(e).splitlines()[0][:200]}") from None
-    if images.dtype.kind not in "uif" or (labels is not None and labels.dtype.kind not in "ui"):
-        raise ConfigError(f"{path}: images must be numbers and labels integers, got "
-                          f"{images.dtype} / {None if labels is None else labels.dtype}")
-    if labels is not None:
-        labels = labels.astype(np.int64)
-        if labels.ndim != 1 or len(labels) != len(images) or (len(labels) and labels.min() < 0):
-            raise ConfigError(f"{path}: labels must be {len(images)} integers >= 0, got "
-                              f"shape {labels.shape}")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4:
-        raise ConfigError(f"{path}: images must be [N, H, W, C] or [N, C, H, W]: {images.shape}")
-    if images.shape[-1] not in (1, 3) and images.shape[1] in (1, 3):
-        images = images.transpose(0, 2, 3, 1)
-    if images.dtype != np.uint8:
-        if images.min() >= -1.0 and images.max() <= 1.0 and images.min() < 0:
-            images = (images + 1.0) * 127.5  # [-1, 1] floats
-        elif images.max() <= 1.0:
-            images = images * 255.0
-        images = np.round(images).clip(0, 255).astype(np.uint8)
-    return images, labels
-
-
-def _folder_items(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise ConfigError(f"{root}: expected one sub-folder per class, found none")
-    items = [
-        (f, i)
-        for i, c in enumerate(classes)
-        for f in sorted((root / c).rglob("*"))
-        if f.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not items:
-        raise ConfigError(f"{root}: no images found in the class sub-folders")
-    return items, classes
-
-
-def _resize(img: Image.Image, resolution: int | None) -> Image.Image:
-    if resolution is None or img.size == (resolution, resolution):
-        return img
-    w, h = img.size  # centre crop to a square, then resize (ADM's preprocessing, simplified)
-    s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    return img.resize((resolution, resolution), Image.Resampling.BICUBIC)
-
-
-def _png(arr: np.ndarray) -> bytes:
-    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_shards(
-    src: str | Path,
-    out: str | Path,
-    *,
-    maxcount: int = 1000,
-    resolution: int | None = None,
-    seed: int = 0,
-    verbose: bool = False,
-) -> dict[str, Any]:
-    """Write shuffled WebDataset shards ``OUT/shard-NNNNNN.tar`` and ``OUT/dataset.json``.
-
-    ``src``: ``"digits"`` (built in; its ``train`` split, or ``digits:test`` / ``digits:all``),
-    an ``.npz`` (``images`` uint8 [N, H, W, C] or [N, C, H, W], optional ``labels``), or a
-    folder with one sub-folder per class. ``resolution`` resizes
-    (centre crop + bicubic) folder and npz images, and sets the digits' padded size (default 16).
-    """
-    if maxcount < 1:
-        raise ConfigError(f"maxcount must be >= 1, got {maxcount}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    classes: list[str] | None
-    name, _, split = str(src).partition(":")
-    if name == "digits" and not Path(str(src)).exists():
-        images, labels = digits_images(resolution or 16, split or "train")
-        classes = [str(i) for i in range(10)]
-        order = list(range(len(images)))
-        rng.shuffle(order)
-        items = ((images[i], int(labels[i])) for i in order)
-        count = len(order)
-    else:
-        path = Path(src)
-        if path.suffix == ".npz" and path.is_file():
-            images, labels_opt = _load_npz(path)
-            classes = None if labels_opt is None else [str(i) for i in range(labels_opt.max() + 1)]
-            order = list(range(len(images)))
-            rng.shuffle(order)
-
-            def gen() -> Iterator[tuple[np.ndarray, int | None]]:
-                for i in order:
-                    arr = images[i]
-                    if resolution is not None:
-                        img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-                        arr = np.asarray(_resize(img, resolution))
-                        arr = arr[..., None] if arr.ndim == 2 else arr
-                    yield arr, None if labels_opt is None else int(labels_opt[i])
-
-            items = gen()
-            count = len(order)
-        elif path.is_dir():
-            files, classes = _folder_items(path)
-            rng.shuffle(files)
-
-            def gen() -> Iterator[tuple[np.ndarray, int | None]]:
-                for f, label in files:
-                    try:
-                        with Image.open(f) as im:
-                            im = _resize(im.convert("L" if im.mode == "L" else "RGB"), resolution)
-                            arr = np.asarray(im)
-                    except (OSError, ValueError, Image.DecompressionBombError) as e:
-                        raise ConfigError(f"shards: {f}: not a readable image ({e}); remove "
-                                          "or replace it") from None
-                    yield (arr[..., None] if arr.ndim == 2 else arr), label
-
-            items = gen()
-            count = len(files)
-        else:
-            raise ConfigError(f"shards: {src!r} is not 'digits', an .npz file or a folder")
-    sizes: set[tuple[int, ...]] = set()
-    pattern = str(out / "shard-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=int(verbose)) as sink:
-        for i, (arr, label) in enumerate(items):
-            sizes.add(arr.shape)
-            sample = {"__key__": f"{i:09d}", "png": _png(arr)}
-            if label is not None:
-                sample["cls"] = str(label)
-            sink.write(sample)
-        nshards = sink.shard
-    (h, w, c), *_ = sorted(sizes) if sizes else [(0, 0, 0)]
-    meta = {
-        "count": count,
-        "shards": nshards,
-        "pattern": f"shard-{{000000..{nshards - 1:06d}}}.tar",
-        "classes": classes,
-        "num_classes": None if classes is None else len(classes),
-        "resolution": h if len(sizes) == 1 and h == w else None,
-        "channels": c,
-        "seed": seed,
-    }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+# --- writing: see .shards (EDM-style dataset tool) ------------------------------------------
+# re-exported: vdmpp.train.data.write_shards / digits_images are the names other code uses.
 
 
 # --- reading -------------------------------------------------------------------------------------
-def expand_source(source: str) -> list[str]:
-    """Shard paths from a directory (``*.tar`` inside) or a brace pattern ``a-{000..009}.tar``."""
+def expand_source(source: str, resolution: int | None = None) -> list[str]:
+    """Shard paths from a directory (``*.tar`` inside) or a brace pattern ``a-{000..009}.tar``.
+
+    A missing or empty source is a :class:`ConfigError` that says how to write shards (with
+    ``resolution``, the exact ``vdmpp-train shards`` command).
+    """
     path = Path(source)
+    how = (f" — write shards first: {shards_command(source, resolution)} ({SRC_KINDS})"
+           if resolution is not None else "")  # fmt: skip
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
+    elif not path.exists() and "{" not in source and "://" not in source:
+        raise ConfigError(f"data.source = {source!r}: no such shard directory{how}")
     else:
         urls = list(wds.shardlists.expand_urls(source))
         missing = [u for u in urls if "://" not in u and not Path(u).exists()]
         if missing:
-            raise ConfigError(f"data.source: {len(missing)} shard(s) missing, e.g. {missing[0]}")
+            raise ConfigError(f"data.source: {len(missing)} shard(s) missing, e.g. "
+                              f"{missing[0]}{how}")  # fmt: skip
     if not urls:
-        raise ConfigError(f"data.source = {source!r}: no .tar shards found")
+        raise ConfigError(f"data.source = {source!r}: no .tar shards found{how}")
     return urls
+
+
+def validate_manifests(
+    urls: list[str], resolution: int, channels: int, num_classes: int | None
+) -> None:
+    """Check every shard folder among ``urls`` that has a ``dataset.json`` (see
+    :func:`vdmpp.train.shards.check_manifest`: listed shards present with their sizes — and
+    sha256 up to 1 GiB or with ``VDMPP_VERIFY_SHARDS=1`` —, resolution, channels, classes)."""
+    by_dir: dict[Path, list[str]] = {}
+    for u in urls:
+        if "://" not in u:
+            by_dir.setdefault(Path(u).parent, []).append(u)
+    for root, group in sorted(by_dir.items()):
+        if (root / MANIFEST).is_file() or (root / ".incomplete").exists():
+            whole = sorted(str(p) for p in root.glob("*.tar")) == sorted(group)
+            check_manifest(root, None if whole else group, resolution, channels, num_classes)
 
 
 def decode_sample(
@@ -297,7 +136,9 @@ def decode_sample(
 
 
 def probe(urls: list[str], resolution: int, channels: int, num_classes: int | None) -> None:
-    """Decode the first good sample of the first shard; raise ConfigError on a size mismatch."""
+    """Validate the manifests (:func:`validate_manifests`), then decode the first good sample of
+    the first shards; raise ConfigError on a size mismatch."""
+    validate_manifests(urls, resolution, channels, num_classes)
     for url in urls[:3]:
         for sample in wds.tarfile_samples([{"url": url}], handler=wds.ignore_and_continue):
             try:
