@@ -86,6 +86,7 @@ INCOMPLETE = ".incomplete"
 FORMAT = "vdmpp-shards/1"
 SHARD_RE = re.compile(r"shard-\d{6}\.tar")
 VERIFY_AUTO_BYTES = 1 << 30  # sha256 at every start up to this total size (see module docstring)
+PROGRESS_EVERY_S = 10.0  # without a terminal: a plain progress line at most this often
 _GREY_MODES = {"1", "L", "LA"}
 _COLOUR_MODES = {"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "La"}
 
@@ -714,7 +715,7 @@ def write_shards(
                 yield _Part(labels=lab, images=s["images"][np.asarray(idx)], **common)
 
     show = bool(verbose) if progress is None else progress
-    bar = Progress(n, "images", enabled=show)
+    bar = Progress(n, "images", enabled=show, every=PROGRESS_EVERY_S)
     try:
         results = _run_parts(parts(), n_parts, workers, bar)
     finally:
