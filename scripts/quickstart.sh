@@ -5,7 +5,9 @@
 #   python3 -m venv .venv && . .venv/bin/activate && bash scripts/quickstart.sh
 #
 # Safe to rerun: installs are skipped when vdmpp is importable, a finished run is not retrained
-# (an interrupted one resumes), sampling resumes, reference features are cached.
+# (an interrupted one resumes), sampling resumes, reference features are cached. Numbers are
+# reported only for a run whose RUN/status.json says "done": a preempted or failed training
+# exits non-zero (75: preempted, rerun to resume) and prints no metrics.
 # Knobs (environment): VDMPP_QUICKSTART_OUT (runs/quickstart), VDMPP_QUICKSTART_STEPS (2000),
 # VDMPP_QUICKSTART_SAMPLES (500), VDMPP_QUICKSTART_INSTALL=1 (force reinstall),
 # VDMPP_TORCH (torch==2.13.0: what to install when torch is absent).
@@ -48,18 +50,34 @@ else
 fi
 
 say "3/6 train digits.toml for $STEPS steps on the CPU -> $RUN"
-if [[ -f "$RUN/export/model.json" ]] && $PY - "$RUN/export/model.json" "$STEPS" <<'PYEOF'
+# A run is finished when its status.json says "done" (vdmpp.train.status) at >= $STEPS steps.
+run_done() {
+  [[ -f "$RUN/status.json" ]] && $PY - "$RUN/status.json" "$STEPS" <<'PYEOF'
 import json, sys
-sys.exit(0 if json.load(open(sys.argv[1])).get("step", 0) >= int(sys.argv[2]) else 1)
+s = json.load(open(sys.argv[1]))
+sys.exit(0 if s.get("status") == "done" and s.get("step", 0) >= int(sys.argv[2]) else 1)
 PYEOF
-then
+}
+if run_done; then
   echo "already trained ($RUN/export)"
 else
   resume=()
   [[ -d "$RUN/checkpoints" ]] && resume=(--resume)
+  rc=0
   vdmpp-train digits --set "steps=$STEPS" --set "out=$RUN" --set device=cpu \
-    --set sample.every=0 --set "checkpoint.every=$STEPS" "${resume[@]}"
+    --set sample.every=0 --set "checkpoint.every=$STEPS" "${resume[@]}" || rc=$?
+  if (( rc != 0 )); then
+    status=$($PY -c "import json, sys; s = json.load(open(sys.argv[1])); print(f\"{s['status']} at step {s.get('step')}/{s.get('steps')}\")" \
+      "$RUN/status.json" 2>/dev/null || echo "unknown")
+    if (( rc == 75 )); then
+      echo "quickstart: training $status (checkpoint written): no results to report; rerun this script to resume" >&2
+    else
+      echo "quickstart: training did not finish ($status, exit $rc; see $RUN/log.txt): no results to report" >&2
+    fi
+    exit "$rc"
+  fi
 fi
+run_done || { echo "quickstart: $RUN/status.json does not say done at step $STEPS: no results to report" >&2; exit 1; }
 [[ -f "$RUN/export/model.json" ]] || { echo "quickstart: training wrote no export" >&2; exit 1; }
 
 # One samples directory per trained step: sampling resumes, but never mixes two models.
