@@ -11,6 +11,7 @@ import os
 import pickle
 import tarfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -140,10 +141,39 @@ def test_shards_all_inputs_unusable_is_one_line_exit_2(tmp_path, capsys) -> None
 
 
 # --- CIFAR python tarballs --------------------------------------------------------------------
-def _cifar_tar(path: Path, members: dict[str, dict], protocol: int) -> None:
+class _Py2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle wrote CIFAR's batches: protocol 2, ``bytes`` as py2 ``str``
+    opcodes (SHORT_BINSTRING/BINSTRING), numpy's functions under ``numpy.core``."""
+
+    dispatch: ClassVar[dict] = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj: bytes) -> None:
+        n = len(obj)
+        head = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + n.to_bytes(
+            4, "little")
+        self.write(head + obj)
+        self.memoize(obj)
+
+    def save_global(self, obj, name=None) -> None:
+        mod = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{mod}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+    dispatch[type] = save_global
+    dispatch[type(len)] = save_global
+
+
+def _py2_dumps(obj) -> bytes:
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def _cifar_tar(path: Path, members: dict[str, dict], protocol: int | str) -> None:
     with tarfile.open(path, "w:gz") as tar:
         for name, obj in members.items():
-            data = pickle.dumps(obj, protocol=protocol)
+            data = _py2_dumps(obj) if protocol == "py2" else pickle.dumps(obj, protocol=protocol)
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -168,7 +198,9 @@ def test_shards_cifar10_tarball(tmp_path) -> None:
                for k, (d, lab) in {**batches, "test_batch": test}.items()}  # fmt: skip
     members["cifar-10-batches-py/batches.meta"] = {b"label_names": names, b"num_vis": 3072}
     tgz = tmp_path / "cifar-10-python.tar.gz"
-    _cifar_tar(tgz, members, protocol=2)  # the real files are protocol-2 pickles
+    _cifar_tar(tgz, members, protocol="py2")  # as the real files: Python 2 pickles
+    assert b"cnumpy.core.multiarray\n_reconstruct" in _py2_dumps(members[
+        "cifar-10-batches-py/test_batch"])  # fmt: skip
 
     meta = S.write_shards(tgz, tmp_path / "train", resolution=32, maxcount=4, workers=1)
     assert (meta["count"], meta["shards"], meta["num_classes"]) == (15, 4, 10)

@@ -549,8 +549,8 @@ def _run_parts(parts: Iterable[_Part], n_parts: int, workers: int,
             results.append(_write_part(p))
             progress.update(results[-1]["items"])
         return results
-    ctx = mp.get_context("spawn")  # no inherited threads or state; the worker is top-level
-    with cf.ProcessPoolExecutor(max_workers=min(workers, n_parts), mp_context=ctx) as pool:
+    with cf.ProcessPoolExecutor(max_workers=min(workers, n_parts), mp_context=_mp_context()
+                                ) as pool:  # fmt: skip
         pending: set[cf.Future[dict[str, Any]]] = set()
         it = iter(parts)
         try:
@@ -564,11 +564,25 @@ def _run_parts(parts: Iterable[_Part], n_parts: int, workers: int,
             for fut in cf.as_completed(pending):
                 results.append(fut.result())
                 progress.update(results[-1]["items"])
+        except cf.process.BrokenProcessPool as e:
+            raise ConfigError(f"shards: a worker process died ({e}; out of memory?); rerun with "
+                              "fewer --workers") from None
         except BaseException:
             for fut in pending:
                 fut.cancel()
             raise
     return sorted(results, key=lambda r: r["index"])
+
+
+def _mp_context() -> mp.context.BaseContext:
+    """Workers start clean (no inherited threads or state; the worker function is top-level):
+    forked from a fork server that has imported this module once (POSIX; no per-worker import
+    of torch, shared pages), else spawned."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return mp.get_context("spawn")  # pragma: no cover - not POSIX
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -611,12 +625,16 @@ def _source(src: str | Path, split: str | None, labels: str, resolution: int | N
         return {"kind": "digits", "split": split, "images": images, "labels": lab,
                 "classes": [str(i) for i in range(10)]}  # fmt: skip
     path = Path(src)
+    tar_or_cifar = (path.is_file() and tarfile.is_tarfile(path)) or (path.is_dir()
+                                                                     and _cifar_dir(path))
+    if split is not None and not tar_or_cifar:
+        raise ConfigError(f"shards: --split applies to CIFAR tarballs and 'digits', not {src}")
     if path.suffix == ".npz" and path.is_file():
         images, lab = load_npz(path)
         classes = None if lab is None else [str(i) for i in range(int(lab.max()) + 1 if len(lab)
                                                                   else 0)]  # fmt: skip
         return {"kind": "npz", "images": images, "labels": lab, "classes": classes}
-    if (path.is_file() and tarfile.is_tarfile(path)) or (path.is_dir() and _cifar_dir(path)):
+    if tar_or_cifar:
         images, lab, classes, kind = read_cifar(path, split or "train")
         return {"kind": kind, "split": split or "train", "images": images, "labels": lab,
                 "classes": classes}  # fmt: skip
@@ -917,7 +935,7 @@ def check_manifest(
 def _bad_checksums(pairs: list[tuple[Path, str | None]], workers: int) -> list[str]:
     paths = [str(p) for p, _ in pairs]
     if workers > 1 and len(paths) > 1:
-        with cf.ProcessPoolExecutor(min(workers, len(paths)), mp_context=mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(min(workers, len(paths)), mp_context=_mp_context()
                                     ) as pool:  # fmt: skip
             sums = list(pool.map(sha256_file, paths))
     else:
