@@ -310,7 +310,7 @@ def test_shards_workers_1_and_2_write_identical_bytes(tmp_path) -> None:
                                                               ).read_bytes()
 
 
-def test_shards_interrupted_write_leaves_no_manifest_and_training_refuses(tmp_path,
+def test_shards_interrupted_write_leaves_no_manifest_and_training_refuses(tmp_path, capsys,
                                                                           monkeypatch) -> None:
     rng = np.random.default_rng(7)
     np.savez(tmp_path / "x.npz", images=rng.integers(0, 256, (9, 8, 8, 1), dtype=np.uint8),
@@ -329,6 +329,10 @@ def test_shards_interrupted_write_leaves_no_manifest_and_training_refuses(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         S.write_shards(tmp_path / "x.npz", out, maxcount=3)
     assert not (out / "dataset.json").exists() and (out / ".incomplete").exists()
+    calls.clear()  # the same through the CLI (Ctrl-C): one line, exit 130
+    assert main(["shards", str(tmp_path / "x.npz"), str(out), "--shard-size", "3",
+                 "--workers", "1", "--no-progress"]) == 130  # fmt: skip
+    assert "has no manifest" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"interrupted.*vdmpp-train shards SRC"):
         probe(expand_source(str(out)), 8, 1, 3)
     monkeypatch.setattr(S, "_write_part", real)

@@ -105,9 +105,14 @@ def _shards(argv: list[str]) -> int:
         return 0
     if a.out is None:
         p.error("the following arguments are required: out")
-    meta = write_shards(a.src, a.out, maxcount=a.maxcount, resolution=a.resolution, seed=a.seed,
-                        workers=workers, progress=not a.no_progress, split=a.split,
-                        labels=a.labels, channels=a.channels)  # fmt: skip
+    try:
+        meta = write_shards(a.src, a.out, maxcount=a.maxcount, resolution=a.resolution,
+                            seed=a.seed, workers=workers, progress=not a.no_progress,
+                            split=a.split, labels=a.labels, channels=a.channels)  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"vdmpp-train shards: interrupted; {a.out} has no manifest (training refuses it) "
+              "until this command is rerun", file=sys.stderr)
+        return 130
     line = skipped_line(meta, a.out)
     if line:
         print(f"vdmpp-train shards: warning: {line}", file=sys.stderr)
