@@ -8,15 +8,19 @@ c10d rendezvous across nodes and requeue after preemption — see the README."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from vdmpp.train.checkpoint import find_latest
 from vdmpp.train.trainer import dist_env
 
+ROOT = Path(__file__).resolve().parents[3]
 _CLEAN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
           "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_ID")  # fmt: skip
 
@@ -89,6 +93,33 @@ def test_srun_style_environment_two_ranks(cli_env, small, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
     assert outs[1][0] == "", outs[1][0]  # rank 1 prints no result line
     _check_two_rank_run(outs[0][0] + outs[1][0], outs[0][1] + outs[1][1], run)
+
+
+def test_the_slurm_script_runs_two_ranks_with_stand_ins(cli_env, small, tmp_path):
+    """apps/train/slurm/train.sbatch run by bash, with srun (runs its command once: one node)
+    and scontrol (the node list is this host) stood in for; torchrun, its c10d rendezvous and
+    vdmpp-train are the real ones. Arguments with spaces and braces reach vdmpp-train intact."""
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+                                  'exec "$@"\n')  # fmt: skip
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    run = tmp_path / "run"
+    env = {k: v for k, v in cli_env.items() if k not in _CLEAN}
+    env.update(PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent),
+                                     env.get("PATH", "")]),
+               SLURM_JOB_NODELIST="node[1]", SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2",
+               SLURM_JOB_ID="4242", MASTER_PORT=str(_free_port()))  # fmt: skip
+    r = subprocess.run(["bash", str(ROOT / "apps" / "train" / "slurm" / "train.sbatch"),
+                        "digits", *_sets(small, run)],
+                       env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    _check_two_rank_run(r.stdout, r.stderr, run)
+    assert "--resume: no loadable checkpoint" in (run / "log.txt").read_text()
 
 
 def test_srun_environment_without_master_addr_is_a_one_line_error(cli_env, small, tmp_path):
