@@ -400,6 +400,21 @@ def test_shards_training_validates_the_manifest(small, tmp_path, capsys) -> None
     (data / "shard-000099.tar").unlink()
     assert main(["shards", str(data), "--verify"]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == 9
+    # a tampered manifest is refused too
+    manifest = data / "dataset.json"
+    text = manifest.read_text()
+    m = json.loads(text)
+    m["files"][1]["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(m))
+    assert "shard-000001.tar: sha256 differs" in refused()
+    m = json.loads(text)
+    m["files"][0]["name"] = "../elsewhere.tar"
+    manifest.write_text(json.dumps(m))
+    assert "must name .tar files inside" in refused()
+    manifest.write_text(text[: len(text) // 2])  # torn
+    assert "unreadable manifest" in refused()
+    manifest.write_text(text)
+    assert main(["shards", str(data), "--verify"]) == 0
 
 
 def test_shards_size_only_mode_and_missing_folder_hint(tmp_path, monkeypatch) -> None:

@@ -871,9 +871,9 @@ def check_manifest(
     meta = _load_manifest(root)
     if meta is None:
         return None
-    redo = shards_command(root, resolution)
     where = f"{root / MANIFEST}"
     mres, mch, mcls = meta.get("resolution"), meta.get("channels"), meta.get("num_classes")
+    redo = shards_command(root, resolution if resolution is not None else mres)
     if resolution is not None and mres is not None and mres != resolution:
         raise ConfigError(f"data.resolution = {resolution} but {root} holds {mres}×{mres} images "
                           f"(per its {MANIFEST}; rewrite the shards with `{redo}` or set "
@@ -894,6 +894,9 @@ def check_manifest(
     if not isinstance(listed, list):
         return meta  # a manifest of vdmpp < 0.2 (no per-shard entries): metadata checked only
     by_name = {e.get("name"): e for e in listed if isinstance(e, dict)}
+    if any(not isinstance(n, str) or Path(n).name != n or not n.endswith(".tar") for n in by_name):
+        raise ConfigError(f"{where}: its 'files' must name .tar files inside {root}; rewrite the "
+                          f"shards with `{redo}`")
     if urls is None:
         wanted = sorted(by_name)
         present = {p.name for p in root.glob("*.tar")}
