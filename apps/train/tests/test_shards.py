@@ -431,3 +431,26 @@ def test_shards_size_only_mode_and_missing_folder_hint(tmp_path, monkeypatch) ->
         probe(expand_source(str(tmp_path / "o")), 8, 1, None)
     with pytest.raises(ConfigError, match=r"vdmpp-train shards SRC .*nowhere --resolution 8"):
         expand_source(str(tmp_path / "nowhere"), resolution=8)
+
+
+def test_shards_training_on_cifar_and_npz_shards(small, tmp_path, capsys) -> None:
+    """CIFAR-10-style tarball and .npz → shards at 8×8 → 2 training steps each; the manifest's
+    classes/channels are checked against the config before the first step."""
+    rng = np.random.default_rng(9)
+    members = {f"cifar-10-batches-py/{k}": {b"data": _cifar_rows(rng, 4),
+                                             b"labels": [int(v) for v in rng.integers(0, 10, 4)]}
+               for k in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]}  # fmt: skip
+    members["cifar-10-batches-py/batches.meta"] = {b"label_names": [b"n"] * 10}
+    _cifar_tar(tmp_path / "c.tar.gz", members, protocol="py2")
+    np.savez(tmp_path / "g.npz", x=rng.integers(0, 256, (12, 1, 10, 10), dtype=np.uint8),
+             y=np.arange(12) % 10)  # fmt: skip
+    for src, ch in (("c.tar.gz", 3), ("g.npz", 1)):
+        data = tmp_path / f"shards-{src}"
+        assert main(["shards", str(tmp_path / src), str(data), "--resolution", "8",
+                     "--shard-size", "8", "--workers", "1", "--no-progress"]) == 0  # fmt: skip
+        cfg = [*small, f"data.source={data}", f"data.channels={ch}", "data.num_classes=10",
+               "data.shuffle_buffer=4", "steps=2"]
+        assert main(["digits", *_sets(*cfg, f"out={tmp_path / f'run-{src}'}")]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+        rc = main(["digits", *_sets(*cfg, f"data.channels={4 - ch}", f"out={tmp_path / 'x'}")])
+        assert rc == 2 and f"holds {ch}-channel images" in capsys.readouterr().err
