@@ -112,7 +112,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="bf16: autocast the network")
     g.add_argument("--batch", type=int, default=64, help="images per sampler call")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (terminal) or progress lines (log); warnings only")
 
 
 def _add_allow_partial(p: argparse.ArgumentParser) -> None:
@@ -407,9 +408,11 @@ _COMMANDS = {"sample": cmd_sample, "metrics": cmd_metrics, "bpd": cmd_bpd, "plot
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from vdmpp.train.log import configure
+    from vdmpp.train.log import configure, console
 
-    configure("eval", rank=_dist()[0], buffer=False)
+    handler = console(configure("eval", rank=_dist()[0], buffer=False))
+    if getattr(a, "no_progress", False) and handler is not None:
+        handler.setLevel(logging.WARNING)  # --no-progress: neither a bar nor progress lines
     try:
         if hasattr(a, "device"):  # checked before any work
             a.device = _device(a.device)
