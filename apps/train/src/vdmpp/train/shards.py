@@ -674,7 +674,7 @@ def write_shards(
     ``OUT/dataset.json`` (returned); see the module docstring for sources and guarantees.
 
     ``resolution``: the side after centre crop + resize (digits: the padded size, default 16;
-    others: default the first image's side). ``workers`` > 1 writes shards in that many spawned
+    others: default the first image's side). ``workers`` > 1 writes shards in that many worker
     processes (same bytes as 1). ``progress``: a bar/periodic lines on stderr (default off;
     ``verbose`` turns it on). ``split``: train/test for CIFAR and digits. ``labels``: auto,
     folders or none for image folders. ``channels``: 1 or 3 (default: the first image's).
