@@ -143,6 +143,13 @@ def test_warnings_name_their_rank_and_other_ranks_are_quiet():
     finally:
         runlog.close(logger)
     assert re.fullmatch(r"\d\d:\d\d:\d\d \[vdmpp-eval\] ab\n", out0.getvalue())
+    out0 = io.StringIO()
+    logger = runlog.configure("train", rank=0, stream=out0)
+    try:
+        logger.warning("rank 0 warns too")
+    finally:
+        runlog.close(logger)
+    assert "[vdmpp-train rank 0] WARNING: rank 0 warns too" in out0.getvalue()
 
 
 def test_log_txt_appends_a_new_summary_on_resume(cli, small, tmp_path):

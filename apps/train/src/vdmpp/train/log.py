@@ -1,8 +1,9 @@
 """Logging that fits a cluster: one named logger per app, ``RUN/log.txt`` on rank 0.
 
 * ``configure("train", rank=r)`` sets up the logger ``vdmpp.train`` (``vdmpp.eval`` for the eval
-  app): on rank 0, INFO and above go to stderr; on other ranks only warnings and errors, and
-  every console line names its rank. Lines carry a timestamp.
+  app): on rank 0, INFO and above go to stderr; on other ranks only warnings and errors.
+  Warnings and errors name their rank (``[vdmpp-train rank 1] ERROR: ...``), as does every
+  console line of a rank > 0. Lines carry a timestamp.
 * :func:`attach_file` adds ``RUN/log.txt`` (appended to on resume); messages logged before the
   file was opened are written after the start-up summary, so a log starts with the summary.
 * :func:`progress_allowed`: a tqdm bar only when its stream (stderr) is a terminal — in a
@@ -41,7 +42,8 @@ class _Formatter(logging.Formatter):
         self.app, self.rank = app, rank
 
     def format(self, record: logging.LogRecord) -> str:
-        who = f"vdmpp-{self.app}" if self.rank is None else f"vdmpp-{self.app} rank {self.rank}"
+        rank = self.rank if self.rank is not None or record.levelno < logging.WARNING else 0
+        who = f"vdmpp-{self.app}" if rank is None else f"vdmpp-{self.app} rank {rank}"
         level = "" if record.levelno == logging.INFO else f"{record.levelname}: "
         msg = record.getMessage().replace("\r", "")
         text = f"{self.formatTime(record, self.datefmt)} [{who}] {level}{msg}"
