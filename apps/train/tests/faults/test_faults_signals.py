@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -66,7 +67,8 @@ def test_faults_torchrun_group_sigterm_with_workers_resumes_bit_identically(
     p.kill_group(signal.SIGTERM)
     _, _, err = p.finish()
     # torchrun itself ends with its SignalException traceback; the ranks must not fail
-    assert "killed by signal" not in err and "vdmpp/train/" not in err, err[-3000:]
+    assert "killed by signal" not in err, err[-3000:]
+    assert not re.search(r'File "[^"]*/vdmpp/train/', err), err[-3000:]  # no vdmpp traceback
     assert "signal received: checkpoint at step" in err, err[-3000:]
     (step, _), *_ = reversed(list_checkpoints(run / "checkpoints"))
     assert step >= 5

@@ -5,6 +5,7 @@ in all-reduce); and a stop signal breaks a step that is stuck waiting for data."
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import sys
@@ -68,7 +69,8 @@ def test_faults_starved_slot_stops_every_rank(launch, train_argv, tmp_path) -> N
     assert rc != 0
     assert err.count("can never fill a batch") >= 2, err[-3000:]  # printed by each rank
     assert "slot 1" in err and "shard-000001.tar" in err
-    assert "vdmpp/train/" not in err, err[-3000:]  # no traceback from vdmpp
+    # no traceback from vdmpp (log.txt's summary names the config file under vdmpp/train/)
+    assert not re.search(r'File "[^"]*/vdmpp/train/', err), err[-3000:]
 
 
 def test_faults_sigterm_breaks_a_stalled_data_wait(launch, cli_env, small, tmp_path) -> None:
