@@ -105,7 +105,12 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="combine the runs of these result files (e.g. recipes run in "
                     "parallel processes) into --out, then exit")
+    ap.add_argument("--table", action="store_true",
+                    help="print --out as the README's markdown table (mean over seeds), then exit")
     a = ap.parse_args()
+    if a.table:
+        print(table(json.loads(Path(a.out).read_text())))
+        return
     if a.merge:
         parts = [json.loads(Path(f).read_text()) for f in a.merge]
         record = {k: v for k, v in parts[0].items() if k not in ("runs", "summary")}
@@ -145,6 +150,16 @@ def main() -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["summary"], indent=2))
+
+
+def table(record: dict) -> str:
+    """Markdown: one row per recipe, per-seed values and their mean (lower FD/bpd is better)."""
+    rows = ["| recipe | digits FD ↓ | class accuracy ↑ | bits/dim ↓ |", "| --- | --- | --- | --- |"]
+    for name, s in record["summary"].items():
+        cells = [f"{s[f'mean_{k}']:.{d}f} ({' / '.join(f'{v:.{d}f}' for v in s[k])})"
+                 for k, d in (("frechet_distance", 2), ("class_accuracy", 3), ("bpd", 2))]
+        rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def _summarise(record: dict) -> None:

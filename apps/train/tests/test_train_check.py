@@ -36,7 +36,8 @@ def test_check_prints_the_summary_and_writes_nothing(tmp_path, monkeypatch, caps
     rc, out, err = _check(["--set", "batch.per_device=8"], tmp_path, monkeypatch, capsys)
     assert rc == 0, err
     for key in ("parameters", "per-device 8", "accumulation 4", "world size 1", "λ range",
-                "[-15, 15]", "Sigmoid(bias=2.0)", "adaptive (100 bins", "digits (built in)"):
+                "[-15, 15]", "Sigmoid(bias=0.0)", "v head", "adaptive (100 bins",
+                "digits (built in)"):
         assert key in out, (key, out)
     assert len(out.strip().splitlines()) <= 24  # one screen
     # the parameter count is the model's
