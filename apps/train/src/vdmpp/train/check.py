@@ -43,13 +43,7 @@ def _probe_data(cfg: Config) -> str:
         return (f"digits (built in): {len(images)} train images {d.resolution}×{d.resolution}, "
                 f"{int(labels.max()) + 1} classes; shards are written to "
                 f"{Path(cfg.out) / 'data'} on the first run")  # fmt: skip
-    try:
-        urls = expand_source(d.source)
-    except ConfigError as e:
-        raise ConfigError(
-            f"{e} — write shards first: vdmpp-train shards SRC {d.source} --resolution "
-            f"{d.resolution} (SRC: 'digits', an .npz, or a folder with one sub-folder per class)"
-        ) from None
+    urls = expand_source(d.source, d.resolution)  # a missing source names the shards command
     probe(urls, d.resolution, d.channels, d.num_classes)
     return f"{d.source}: {len(urls)} shard(s), first sample decodes as {d.resolution}² ok"
 
