@@ -146,8 +146,10 @@ def test_srun_environment_without_master_addr_is_a_one_line_error(cli_env, small
     ],
 )
 def test_dist_env(monkeypatch, env, expected):
-    for k in _CLEAN:
-        monkeypatch.delenv(k, raising=False)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    # dist_env copies srun's variables to RANK/WORLD_SIZE/LOCAL_RANK: give it a private environ
+    fake = {k: v for k, v in os.environ.items() if k not in _CLEAN}
+    fake.update(env)
+    monkeypatch.setattr(os, "environ", fake)
     assert dist_env() == expected
+    if "SLURM_STEP_ID" in env and "WORLD_SIZE" not in env:
+        assert (fake["RANK"], fake["WORLD_SIZE"], fake["LOCAL_RANK"]) == tuple(map(str, expected))
