@@ -84,3 +84,11 @@ def test_faults_config_toml_round_trips_strings_with_newlines_and_quotes() -> No
     back = tomllib.loads(config_mod.dumps(cfg))  # used to raise TOMLDecodeError
     assert back["name"] == name and back["out"] == "runs/with\nnewline"
     assert config_mod.from_dict(back).to_dict() == cfg.to_dict()
+
+
+def test_faults_missing_shard_directory_says_how_to_make_one(small, tmp_path, capsys) -> None:
+    """Not only ``--check``: the run itself names the exact ``vdmpp-train shards`` command."""
+    src = tmp_path / "no-shards"
+    err = _one_line_exit_2(["digits", *_sets(*small, "steps=1", f"out={tmp_path / 'run'}",
+                                             f"data.source={src}")], capsys)  # fmt: skip
+    assert f"vdmpp-train shards SRC {src} --resolution 8" in err, err

@@ -360,7 +360,7 @@ class Trainer:
     def _prepare_data(self) -> list[str]:
         cfg, d = self.cfg, self.d
         if cfg.data.source != "digits":
-            return expand_source(cfg.data.source)
+            return expand_source(cfg.data.source, cfg.data.resolution)
         root = self.out / "data" / f"digits-{cfg.data.resolution}"
         if d.main and not (root / "dataset.json").is_file():
             write_shards("digits", root, maxcount=256, resolution=cfg.data.resolution,
