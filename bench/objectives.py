@@ -10,13 +10,11 @@ with Heun (18 steps, 35 NFE) from the same seeds, the digits Fréchet distance a
 FID), and the VDM bound in bits/dim on the held-out ``digits:test`` split (1 draw per image).
 Writes ``bench/results/objectives-cpu.json`` (per recipe and seed, plus the mean).
 
-The recorded ``objectives-cpu.json`` is a *reduced* run: 300 steps (not 2000), 300 samples,
-seeds 0 and 1, five recipes, each (recipe, seed) in its own ``nice``-d single-thread process on
-a 2-core CPU shared with other jobs (``--merge`` combined them; ``train_s`` is wall time under
-that load, not a speed measurement). 300 steps is early training for every recipe: the table
-ranks how fast each objective gets going, not where it ends — rerun with the defaults
-(``python bench/objectives.py``: 7 recipes × 2 seeds × 2000 steps, about 40 min on an
-idle 2-core CPU) before changing a shipped recipe.
+The recorded ``objectives-cpu.json`` is the default run: 7 recipes × seeds 0 and 1 × 2000 steps,
+500 samples, each seed in its own ``nice``-d single-thread process on a shared 2-core CPU
+(``--merge`` combined them; ``train_s`` is wall time under that load, not a speed measurement).
+``objectives-cpu-300steps.json`` is an earlier 300-step run, kept to show how early training
+ranks the recipes differently. ``--table`` prints the README's table from a result file.
 
 Recipes (VDM++ = Kingma & Gao 2023; EDM = Karras et al. 2022; VDM = Kingma et al. 2021):
 
