@@ -86,8 +86,9 @@ def test_a_done_run_passes_and_eval_logs_plain_lines(tmp_path):
     assert "\r" not in r.stdout and "\r" not in r.stderr  # no tqdm bar into a pipe
     assert json.loads(r.stdout)["images"] == 8
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 2 and all("[vdmpp-eval] sample: " in x for x in lines), r.stderr
-    assert "drew 8 images" in lines[1]
+    # start, the progress line (plain, in place of a bar), end
+    assert len(lines) == 3 and all("[vdmpp-eval] sample: " in x for x in lines), r.stderr
+    assert "sample: 8/8 img (100%)" in lines[1] and "drew 8 images" in lines[2]
 
 
 # --- the quickstart ------------------------------------------------------------------------------

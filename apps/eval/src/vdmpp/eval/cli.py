@@ -186,7 +186,7 @@ def cmd_sample(a: argparse.Namespace) -> dict[str, Any]:
               a.sampler, a.steps, a.checkpoint, out, world)
     t0 = time.time()
     stats = run_shard(model, meta, seeds, spec, out, rank=rank, world=world, chunk=a.chunk,
-                      batch_size=a.batch, device=device, progress=_progress(a))
+                      batch_size=a.batch, device=device, progress=not a.no_progress)
     _log.info("sample: rank %d drew %d images (%d on disk already) in %.1f s", rank,
               stats.get("done", 0), stats.get("skipped", 0), time.time() - t0)
     if world > 1:
@@ -254,16 +254,14 @@ def cmd_metrics(a: argparse.Namespace) -> dict[str, Any]:
                         f"use a reference at the samples' resolution (vdmpp-train shards SRC "
                         f"OUT --resolution {shape[0]})")
     if images is None:  # sample now, every check passed
-        bar = None
-        _log.info("metrics: sampling %d images from %s", len(seeds), src)
-        if _progress(a):
-            from tqdm import tqdm
+        from vdmpp.train.log import Progress
 
-            bar = tqdm(total=len(seeds), unit="img", desc="sample", dynamic_ncols=True)
+        _log.info("metrics: sampling %d images from %s", len(seeds), src)
+        bar = Progress(len(seeds), "img", desc="metrics: sample", enabled=not a.no_progress,
+                       emit=_log.info)  # fmt: skip
         images, labels, _ = generate(model, meta, seeds, _spec(a), device=a.device,
-                                     batch_size=a.batch, progress=bar.update if bar else None)
-        if bar is not None:
-            bar.close()
+                                     batch_size=a.batch, progress=bar.update)
+        bar.close()
         if labels is None:
             labels = np.full(len(seeds), -1)
     cuda = torch.cuda.is_available() and a.device.startswith("cuda")

@@ -250,7 +250,9 @@ def run_shard(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> dict[str, int]:
-    """Draw this rank's chunks that are not on disk yet; return {"done", "skipped", "nfe"}."""
+    """Draw this rank's chunks that are not on disk yet; return {"done", "skipped", "nfe"}.
+
+    ``progress``: rank 0 shows a bar on a terminal, else logs a progress line every 10 s."""
     out = Path(out)
     if batch_size < 1:
         raise EvalError(f"--batch must be >= 1, got {batch_size}")
@@ -258,11 +260,13 @@ def run_shard(
     todo = [c for c in mine if not _chunk_done(_chunk_path(out, c), c)]
     skipped = sum(len(c) for c in mine) - sum(len(c) for c in todo)
     bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
+    if rank == 0:  # a bar on a terminal, else a plain line every 10 s in the log (no \r)
+        import logging
 
-        bar = tqdm(total=sum(len(c) for c in todo), unit="img", desc=f"sampling (rank {rank})",
-                   dynamic_ncols=True)
+        from vdmpp.train.log import Progress
+
+        bar = Progress(sum(len(c) for c in todo), "img", desc="sample", enabled=progress,
+                       emit=logging.getLogger("vdmpp.eval").info)  # fmt: skip
     nfe = 0
     try:
         for c in todo:

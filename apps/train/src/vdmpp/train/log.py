@@ -9,6 +9,8 @@
 * :func:`progress_allowed`: a tqdm bar only when its stream (stderr) is a terminal — in a
   SLURM/torchrun log a bar is thousands of ``\\r`` updates; there the periodic status lines
   are the progress.
+* :class:`Progress`: that bar on a terminal, else a plain line every few seconds (count, rate,
+  ETA) — the progress of long work (shards, sampling) that has no status lines of its own.
 * :class:`ConsoleHandler` writes through ``tqdm.write`` while a bar is shown, so log lines and
   the bar do not overwrite each other.
 """
@@ -20,11 +22,13 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = [
     "ConsoleHandler",
+    "Progress",
     "attach_file",
     "close",
     "configure",
@@ -154,6 +158,51 @@ def progress_allowed(requested: bool, stream: TextIO | None = None) -> bool:
         return bool(requested and s.isatty())
     except (AttributeError, ValueError):
         return False
+
+
+class Progress:
+    """A tqdm bar when ``stream`` (stderr) is a terminal, otherwise a plain line at most every
+    ``every`` seconds and one at :meth:`close` — never a ``\r``. ``emit`` (e.g. a logger's
+    ``info``) takes the plain lines; by default they are printed to ``stream``."""
+
+    def __init__(self, total: int, what: str, *, desc: str, enabled: bool = True,
+                 stream: TextIO | None = None, every: float = 10.0,
+                 emit: Callable[[str], Any] | None = None) -> None:  # fmt: skip
+        self.stream = stream if stream is not None else sys.stderr
+        self.total, self.what, self.desc, self.every, self.done = total, what, desc, every, 0
+        self.enabled, self.emit = enabled, emit
+        self.t0 = self.last = time.monotonic()
+        self.bar = None
+        if progress_allowed(enabled, self.stream):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=what, desc=desc, file=self.stream,
+                            dynamic_ncols=True)  # fmt: skip
+
+    def update(self, n: int, force: bool = False) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if self.enabled and (force or now - self.last >= self.every):
+            self.last = now
+            el = max(now - self.t0, 1e-9)
+            rate = self.done / el
+            left = (self.total - self.done) / rate if rate > 0 else float("inf")
+            pct = 100.0 * self.done / max(self.total, 1)
+            line = (f"{self.desc}: {self.done}/{self.total} {self.what} ({pct:.0f}%), "
+                    f"{rate:.0f} {self.what}/s, elapsed {el:.0f}s, ETA {eta(left)}")  # fmt: skip
+            if self.emit is not None:
+                self.emit(line)
+            else:
+                print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self.done:
+            self.update(0, force=True)
 
 
 def vdmpp_versions() -> dict[str, str]:

@@ -56,18 +56,17 @@ import os
 import pickle
 import random
 import re
-import sys
 import tarfile
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from .config import ConfigError
+from .log import Progress
 
 __all__ = [
     "MANIFEST",
@@ -503,44 +502,6 @@ def _write_part(part: _Part) -> dict[str, Any]:
             "tmp": part.tmp, "items": len(part.keys)}  # fmt: skip
 
 
-class Progress:
-    """A tqdm bar when the stream is a terminal, otherwise a plain line every ``every`` s."""
-
-    def __init__(self, total: int, what: str, *, enabled: bool = True, stream: IO[str] | None
-                 = None, every: float = 10.0) -> None:  # fmt: skip
-        self.stream = stream if stream is not None else sys.stderr
-        self.total, self.what, self.every, self.done = total, what, every, 0
-        self.enabled = enabled
-        self.t0 = self.last = time.monotonic()
-        self.bar = None
-        if enabled and hasattr(self.stream, "isatty") and self.stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit=what, file=self.stream, dynamic_ncols=True)
-
-    def update(self, n: int, force: bool = False) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.monotonic()
-        if self.enabled and (force or now - self.last >= self.every):
-            self.last = now
-            el = max(now - self.t0, 1e-9)
-            rate = self.done / el
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            pct = 100.0 * self.done / max(self.total, 1)
-            print(f"shards: {self.done}/{self.total} {self.what} ({pct:.0f}%), {rate:.0f} "
-                  f"{self.what}/s, elapsed {el:.0f}s, ETA {eta:.0f}s", file=self.stream,
-                  flush=True)  # fmt: skip
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled and self.done:
-            self.update(0, force=True)
-
-
 def _run_parts(parts: Iterable[_Part], n_parts: int, workers: int,
                progress: Progress) -> list[dict[str, Any]]:  # fmt: skip
     results: list[dict[str, Any]] = []
@@ -733,7 +694,7 @@ def write_shards(
                 yield _Part(labels=lab, images=s["images"][np.asarray(idx)], **common)
 
     show = bool(verbose) if progress is None else progress
-    bar = Progress(n, "images", enabled=show, every=PROGRESS_EVERY_S)
+    bar = Progress(n, "images", desc="shards", enabled=show, every=PROGRESS_EVERY_S)
     try:
         results = _run_parts(parts(), n_parts, workers, bar)
     finally:
