@@ -8,12 +8,7 @@ import sys
 
 __all__ = ["main"]
 
-# Exit codes (vdmpp.train.status): 0 done, 2 config/command-line error (no run), 3 failed,
-# 4 stopped-nonfinite, 75 preempted (EX_TEMPFAIL: resume later).
-EXIT_CONFIG = 2
-EXIT_TRAINING = 3
-EXIT_NONFINITE = 4
-EXIT_PREEMPTED = 75
+from .errors import EXIT_CODES, EXIT_CONFIG  # the one exit-code table
 
 _EPILOG = """\
 examples:
@@ -144,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{a.config}: ok")
             return 0
         from .config import resolve_path
-        from .status import EXIT_CODES
-        from .trainer import TrainingError, dist_env, train
+        from .distributed import dist_env
+        from .errors import TrainingError
+        from .trainer import train
 
         # train() logs every failure (with its rank) to stderr and RUN/log.txt and writes
         # RUN/status.json; here: the one JSON result line (rank 0) and the status's exit code.
@@ -161,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
         if dist_env()[0] == 0:  # one result line per run, not per rank
             print(json.dumps(result), flush=True)
-        return EXIT_CODES.get(result.get("status"), EXIT_TRAINING)
+        return EXIT_CODES.get(result.get("status"), EXIT_CODES["failed"])
     except ConfigError as e:
         print(f"vdmpp-train: error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -46,10 +48,6 @@ __all__ = [
 PROCESSES = ("vp", "ve")
 PRECISIONS = ("fp32", "bf16")
 TIME_SAMPLERS = ("uniform", "low_discrepancy")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be trained; the message names the key and the fix."""
 
 
 @dataclass

@@ -1,18 +1,7 @@
 """A run's outcome: ``RUN/status.json``, the result line and the exit code say the same thing.
 
-Statuses (``STATUSES``) and the exit codes of ``vdmpp-train``:
-
-=====================  ====  ===========================================================
-status                 exit  meaning
-=====================  ====  ===========================================================
-``done``               0     trained to ``steps``; checkpoint and export are final
-``preempted``          75    SIGTERM/SIGINT: checkpoint written, ``--resume`` continues
-                             (75 is ``EX_TEMPFAIL`` of sysexits.h: "try again later")
-``stopped-nonfinite``  4     ``nan_patience`` non-finite steps in a row; checkpoint written
-``failed``             3     any other error (starved data stream, a crash); see log.txt
-(config error)         2     the config or command line is wrong; no run was started
-``running``            --    written at start-up; left behind by a run that was killed
-=====================  ====  ===========================================================
+Statuses and exit codes: the table in :mod:`vdmpp.train.errors` (``EXIT_CODES``), plus
+``running``, written at start-up and left behind by a run that was killed.
 
 ``status.json`` is written by rank 0 only, atomically (temp file + rename): a reader never
 sees half a file. Consumers (``vdmpp-eval``, ``scripts/quickstart.sh``) refuse to report
@@ -22,10 +11,12 @@ results of a run whose status is not ``done`` (:func:`require_done`).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from .errors import EXIT_CODES, EXIT_CONFIG, STATUSES
+from .fileio import write_json_atomic
 
 __all__ = [
     "EXIT_CODES",
@@ -37,9 +28,6 @@ __all__ = [
     "write_status",
 ]
 
-STATUSES = ("done", "preempted", "stopped-nonfinite", "failed")
-EXIT_CODES = {"done": 0, "failed": 3, "stopped-nonfinite": 4, "preempted": 75}
-EXIT_CONFIG = 2
 FILE = "status.json"
 
 
@@ -54,14 +42,7 @@ def write_status(run: str | Path, status: str, /, **fields: Any) -> Path:
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     rec = {"status": status, "exit_code": EXIT_CODES.get(status), "time": time.time(), **fields}
-    path = run / FILE
-    tmp = run / f".{FILE}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(rec, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(run / FILE, rec)
 
 
 def read_status(run: str | Path) -> dict[str, Any] | None:
