@@ -1,4 +1,4 @@
-"""WebDataset shards: streaming them for training (:mod:`.shards` writes them and their manifest).
+"""WebDataset shards: streaming them for training (:mod:`.writer` writes them and their manifest).
 
 A shard is a tar of samples ``<key>.png`` (8-bit L or RGB) + ``<key>.cls`` (the class index as
 text); nothing is pickled, and reading decodes only PNG and integers.
@@ -34,39 +34,28 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import ConfigError
-from .shards import (
-    DIGITS_SPLITS,
-    MANIFEST,
-    SRC_KINDS,
-    check_manifest,
-    digits_images,
-    shards_command,
-    write_shards,
-)
+from ..errors import ConfigError
+from .manifest import shards_command, validate_manifests
+from .sources import SRC_KINDS
 
 __all__ = [
-    "DIGITS_SPLITS",
     "ShardStream",
     "StreamSpec",
     "StreamStarved",
-    "digits_images",
+    "decode_sample",
     "expand_source",
+    "ignore_stop_signals",
     "make_loader",
     "probe",
     "shutdown_loader",
-    "validate_manifests",
-    "write_shards",
+    "stable_seed",
 ]
+
 
 def stable_seed(*parts: Any) -> int:
     """A 63-bit seed from any printable parts, the same in every process and Python run."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-# --- writing: see .shards (EDM-style dataset tool) ------------------------------------------
-# re-exported: vdmpp.train.data.write_shards / digits_images are the names other code uses.
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -92,22 +81,6 @@ def expand_source(source: str, resolution: int | None = None) -> list[str]:
     if not urls:
         raise ConfigError(f"data.source = {source!r}: no .tar shards found{how}")
     return urls
-
-
-def validate_manifests(
-    urls: list[str], resolution: int, channels: int, num_classes: int | None
-) -> None:
-    """Check every shard folder among ``urls`` that has a ``dataset.json`` (see
-    :func:`vdmpp.train.shards.check_manifest`: listed shards present with their sizes — and
-    sha256 up to 1 GiB or with ``VDMPP_VERIFY_SHARDS=1`` —, resolution, channels, classes)."""
-    by_dir: dict[Path, list[str]] = {}
-    for u in urls:
-        if "://" not in u:
-            by_dir.setdefault(Path(u).parent, []).append(u)
-    for root, group in sorted(by_dir.items()):
-        if (root / MANIFEST).is_file() or (root / ".incomplete").exists():
-            whole = sorted(str(p) for p in root.glob("*.tar")) == sorted(group)
-            check_manifest(root, None if whole else group, resolution, channels, num_classes)
 
 
 def decode_sample(
@@ -155,7 +128,7 @@ def probe(urls: list[str], resolution: int, channels: int, num_classes: int | No
             if num_classes is not None and "cls" not in sample:
                 raise ConfigError(
                     f"data.num_classes = {num_classes} but {url} has no .cls labels "
-                    "(set data.num_classes = \"none\" for unconditional training)"
+                    '(set data.num_classes = "none" for unconditional training)'
                 )
             return
     raise ConfigError(f"data.source: no decodable PNG sample in {urls[:3]}")
@@ -291,8 +264,15 @@ class ShardStream(IterableDataset):
         except StreamStarved as e:  # the trainer stops every rank with this message
             yield {"error": str(e)}
 
-    def _batches(self, samples: Iterator[dict[str, Any]], rng: random.Random, skip: int,
-                 starve: _Starvation, wid: int, errors: list[int]) -> Iterator[dict[str, Any]]:
+    def _batches(
+        self,
+        samples: Iterator[dict[str, Any]],
+        rng: random.Random,
+        skip: int,
+        starve: _Starvation,
+        wid: int,
+        errors: list[int],
+    ) -> Iterator[dict[str, Any]]:
         s = self.spec
         pos, corrupt = 0, 0
         images: list[np.ndarray] = []
