@@ -66,8 +66,11 @@ def expand_source(source: str, resolution: int | None = None) -> list[str]:
     ``resolution``, the exact ``vdmpp-train shards`` command).
     """
     path = Path(source)
-    how = (f" — write shards first: {shards_command(source, resolution)} ({SRC_KINDS})"
-           if resolution is not None else "")  # fmt: skip
+    how = (
+        f" — write shards first: {shards_command(source, resolution)} ({SRC_KINDS})"
+        if resolution is not None
+        else ""
+    )
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
     elif not path.exists() and "{" not in source and "://" not in source:
@@ -76,8 +79,9 @@ def expand_source(source: str, resolution: int | None = None) -> list[str]:
         urls = list(wds.shardlists.expand_urls(source))
         missing = [u for u in urls if "://" not in u and not Path(u).exists()]
         if missing:
-            raise ConfigError(f"data.source: {len(missing)} shard(s) missing, e.g. "
-                              f"{missing[0]}{how}")  # fmt: skip
+            raise ConfigError(
+                f"data.source: {len(missing)} shard(s) missing, e.g. {missing[0]}{how}"
+            )
     if not urls:
         raise ConfigError(f"data.source = {source!r}: no .tar shards found{how}")
     return urls
