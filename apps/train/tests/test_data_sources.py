@@ -8,17 +8,17 @@ import io
 import json
 import pickle
 import random
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import webdataset as wds
 from PIL import Image
 
 from vdmpp.train.config import ConfigError
+from vdmpp.train.data import decode_sample, write_shards
 from vdmpp.train.data import sources as Src
 from vdmpp.train.data import transform as T
-from vdmpp.train.data import write_shards
 
 
 def _save(path: Path, img: Image.Image) -> None:
@@ -31,22 +31,17 @@ def _rgb(rng, h: int, w: int) -> np.ndarray:
 
 
 def _written(out: Path) -> dict[int, tuple[np.ndarray, int | None]]:
-    """{key: (uint8 [H, W, C], label)} of every sample in the shards under ``out``."""
+    """{key: (uint8 [H, W, C], label)} of every sample in the shards under ``out``, as the
+    training stream decodes them."""
     meta = json.loads((out / "dataset.json").read_text())
-    got: dict[int, tuple[np.ndarray, int | None]] = {}
-    labels: dict[int, int] = {}
+    res, ch, ncls = meta["resolution"], meta["channels"], meta["num_classes"]
+    got = {}
     for e in meta["files"]:
-        with tarfile.open(out / e["name"]) as tar:
-            for m in tar:
-                key, _, ext = m.name.partition(".")
-                data = tar.extractfile(m).read()
-                if ext == "png":
-                    with Image.open(io.BytesIO(data)) as im:
-                        a = np.asarray(im)
-                    got[int(key)] = (a[..., None] if a.ndim == 2 else a, None)
-                else:
-                    labels[int(key)] = int(data)
-    return {k: (a, labels.get(k)) for k, (a, _) in got.items()}
+        for sample in wds.tarfile_samples([{"url": str(out / e["name"])}]):
+            chw, label = decode_sample(sample, res, ch, ncls)
+            got[int(sample["__key__"])] = (chw.transpose(1, 2, 0), None if ncls is None else label)
+    assert len(got) == meta["count"]
+    return got
 
 
 def _expect(source: Src.Source, seed: int, resolution: int, channels: int, forced: bool):
