@@ -14,7 +14,8 @@
   (D at the step's first evaluation), ``sigma``, ``sigma_hat``, ``sigma_next``, ``nfe`` so far.
 * ``extra_args``: keyword arguments for every denoiser call (e.g. ``{"class_labels": y}``).
 * ``return_info=True`` returns ``(x0, SampleInfo)``; ``SampleInfo.nfe`` is the number of
-  denoiser evaluations (Heun: 2N − 1 on a grid ending at 0).
+  denoiser evaluations (Heun: 2N − 1 on a grid ending at 0); a ``guided`` denoiser reports
+  what each call cost (2 where it guides, 1 outside its interval or for w = 0, 1).
 * ``progress=True``: a tqdm bar over the steps (with the NFE so far) when tqdm is installed;
   silent otherwise (tqdm is optional, never a dependency).
 * ``check_finite=True``: a NaN/inf from the denoiser is an error. On the CPU every denoiser output
@@ -41,7 +42,7 @@ from vdmpp.schedules import logsnr_from_sigma, vp, vp_transition
 
 from ._progress import steps as _progress
 from ._step import _compute_dtype, _kernels_enabled, _ops, all_finite
-from .denoiser import Denoiser
+from .denoiser import Denoiser, _counted
 from .generators import PerSampleGenerator, randn_like
 
 __all__ = ["SampleInfo", "ddim", "ddpm", "edm_stochastic", "euler", "heun"]
@@ -94,7 +95,10 @@ def _checks_on(x: Tensor, check_finite: bool) -> bool:
 
 
 class _Evaluator:
-    """Calls the denoiser with σ as a [B] tensor, counts NFE, checks shape (and NaN on CPU)."""
+    """Calls the denoiser with σ as a [B] tensor, counts NFE, checks shape (and NaN on CPU).
+
+    NFE counts real denoiser evaluations: a denoiser with ``call_counted`` (``Guided``) is
+    given the step's σ as a Python float too and reports how many evaluations it made."""
 
     def __init__(
         self, denoiser: Denoiser, x: Tensor, extra_args: Mapping[str, Any] | None, check: bool
@@ -111,8 +115,8 @@ class _Evaluator:
 
     def __call__(self, x: Tensor, sigma: float, i: int) -> Tensor:
         s = torch.full((x.shape[0],), sigma, device=x.device, dtype=self.sigma_dtype)
-        d = self.denoiser(x, s, **self.kwargs)
-        self.nfe += 1
+        d, n = _counted(self.denoiser, x, s, self.kwargs, sigma)  # a Guided call may cost 2
+        self.nfe += n
         if not isinstance(d, Tensor) or d.shape != x.shape:
             got = tuple(d.shape) if isinstance(d, Tensor) else type(d).__name__
             raise ValueError(
