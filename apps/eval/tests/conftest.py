@@ -5,18 +5,35 @@ from __future__ import annotations
 import pytest
 import torch
 
-TINY = {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-        "attention_resolutions": [], "head_channels": 16, "in_channels": 1, "resolution": 8,
-        "num_classes": 10}
+TINY = {
+    "model_channels": 16,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attention_resolutions": [],
+    "head_channels": 16,
+    "in_channels": 1,
+    "resolution": 8,
+    "num_classes": 10,
+}
 
 
 def write_tiny_export(directory, parameterization: str = "eps", seed: int = 0):
     from vdmpp.train.export import build_model, write_export
 
-    meta = {"model": {"name": "tiny", "overrides": TINY}, "parameterization": parameterization,
-            "process": "vp", "sigma_data": 0.5, "resolution": 8, "channels": 1,
-            "num_classes": 10, "data_range": [-1, 1], "logsnr_min": -15.0, "logsnr_max": 15.0,
-            "schedule": {"name": "cosine"}, "step": 0}
+    meta = {
+        "model": {"name": "tiny", "overrides": TINY},
+        "parameterization": parameterization,
+        "process": "vp",
+        "sigma_data": 0.5,
+        "resolution": 8,
+        "channels": 1,
+        "num_classes": 10,
+        "data_range": [-1, 1],
+        "logsnr_min": -15.0,
+        "logsnr_max": 15.0,
+        "schedule": {"name": "cosine"},
+        "step": 0,
+    }
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = build_model({"format": "vdmpp-model", "version": 1, **meta})

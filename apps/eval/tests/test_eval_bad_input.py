@@ -58,9 +58,9 @@ def test_missing_checkpoint(tmp_path, capsys):
 
 
 def test_sampling_args_checked_against_the_model(export_dir, tmp_path, capsys):
-    rc = main(["sample", str(export_dir), "--seeds", "0-1", "--out", str(tmp_path),
-               "--class", "12"])
+    rc = main(
+        ["sample", str(export_dir), "--seeds", "0-1", "--out", str(tmp_path), "--class", "12"]
+    )
     assert rc == 2 and "outside the model's classes" in capsys.readouterr().err
-    rc = main(["sample", str(export_dir), "--seeds", "0-1", "--out", str(tmp_path),
-               "--steps", "0"])
+    rc = main(["sample", str(export_dir), "--seeds", "0-1", "--out", str(tmp_path), "--steps", "0"])
     assert rc == 2 and "--steps" in capsys.readouterr().err

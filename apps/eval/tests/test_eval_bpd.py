@@ -50,14 +50,28 @@ def test_a_wrong_model_costs_bits():
     """Predicting ε̂ = 0 (x̂ = z/α) instead of the exact ε̂ raises the bound well above H."""
     x = torch.where(torch.rand(400, 1, 4, 4) < P, VA, VB).double()
     exact = -(P * math.log(P) + (1 - P) * math.log(1 - P)) / math.log(2)
-    r = estimate_bpd(lambda z, lam, class_labels=None: torch.zeros_like(z), x,
-                     logsnr_min=-15.0, logsnr_max=15.0)
+    r = estimate_bpd(
+        lambda z, lam, class_labels=None: torch.zeros_like(z), x, logsnr_min=-15.0, logsnr_max=15.0
+    )
     assert r.bpd > exact + 10 * r.stderr
 
 
 def test_cli_bpd_on_digits(export_dir, capsys):
-    rc = main(["bpd", str(export_dir), "--data", "digits", "--limit", "40", "--draws", "2",
-               "--no-progress", "--device", "cpu"])
+    rc = main(
+        [
+            "bpd",
+            str(export_dir),
+            "--data",
+            "digits",
+            "--limit",
+            "40",
+            "--draws",
+            "2",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert res["images"] == 40 and res["draws"] == 2

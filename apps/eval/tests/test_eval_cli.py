@@ -38,11 +38,19 @@ def no_sampling(monkeypatch):
 
 def _commands(export_dir, tmp_path, device: str) -> list[list[str]]:
     return [
-        ["sample", str(export_dir), "--seeds", "0-3", "--out", str(tmp_path / "s"),
-         "--device", device],
+        [
+            "sample",
+            str(export_dir),
+            "--seeds",
+            "0-3",
+            "--out",
+            str(tmp_path / "s"),
+            "--device",
+            device,
+        ],
         ["metrics", str(export_dir), "--ref", "digits", "--num", "4", "--device", device],
         ["bpd", str(export_dir), "--data", "digits", "--device", device],
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda0", "cuda:x", "CPU", ""])
@@ -85,16 +93,31 @@ def test_mps_unavailable(monkeypatch) -> None:
     assert cli._device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_metrics_checks_inception_weights_before_sampling(export_dir, tmp_path, capsys,
-                                                         monkeypatch, no_sampling) -> None:
+def test_metrics_checks_inception_weights_before_sampling(
+    export_dir, tmp_path, capsys, monkeypatch, no_sampling
+) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     ref = tmp_path / "ref.npz"
     np.savez(ref, images=np.zeros((4, 8, 8, 1), np.uint8), labels=np.zeros(4, np.int64))
-    assert main(["metrics", str(export_dir), "--ref", str(ref), "--num", "4",
-                 "--device", "cpu"]) == 2  # fmt: skip
+    assert (
+        main(["metrics", str(export_dir), "--ref", str(ref), "--num", "4", "--device", "cpu"]) == 2
+    )
     assert "Inception weights not found" in _one_line(capsys.readouterr().err)
-    assert main(["metrics", str(export_dir), "--ref", str(ref), "--inception-weights",
-                 str(tmp_path / "nope.pth"), "--device", "cpu"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "metrics",
+                str(export_dir),
+                "--ref",
+                str(ref),
+                "--inception-weights",
+                str(tmp_path / "nope.pth"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "nope.pth does not exist" in _one_line(capsys.readouterr().err)
 
 
@@ -111,8 +134,16 @@ def fake_inception(tmp_path):
 def test_metrics_checks_reference_and_resolution_before_sampling(
     export_dir, tmp_path, capsys, fake_inception, no_sampling
 ) -> None:
-    base = ["metrics", str(export_dir), "--num", "4", "--device", "cpu", "--inception-weights",
-            str(fake_inception)]  # fmt: skip
+    base = [
+        "metrics",
+        str(export_dir),
+        "--num",
+        "4",
+        "--device",
+        "cpu",
+        "--inception-weights",
+        str(fake_inception),
+    ]
     assert main([*base, "--ref", str(tmp_path / "missing.npz")]) == 2
     assert "missing.npz" in _one_line(capsys.readouterr().err)
     ref = tmp_path / "ref16.npz"  # the model is 8×8×1
@@ -128,8 +159,18 @@ def test_metrics_names_checked(export_dir, capsys, no_sampling) -> None:
 
 
 def test_metrics_progress_bar_and_no_progress(export_dir, capsys) -> None:
-    args = ["metrics", str(export_dir), "--ref", "digits", "--num", "4", "--steps", "2",
-            "--device", "cpu"]  # fmt: skip
+    args = [
+        "metrics",
+        str(export_dir),
+        "--ref",
+        "digits",
+        "--num",
+        "4",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     err = capsys.readouterr().err  # not a terminal: plain progress lines, no tqdm bar
     assert "[vdmpp-eval] metrics: sampling 4 images" in err and "\r" not in err
@@ -154,12 +195,24 @@ def test_every_subcommand_has_no_progress_and_documented_defaults() -> None:
 
 
 def test_version_lists_every_vdmpp_package_and_torch() -> None:
-    r = subprocess.run([sys.executable, "-m", "vdmpp.eval", "--version"], capture_output=True,
-                       text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "vdmpp.eval", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     lines = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
-    for dist in ("vdmpp-schedules", "vdmpp-losses", "vdmpp-samplers", "vdmpp-models",
-                 "vdmpp-kernels", "vdmpp-train", "vdmpp-eval", "torch"):  # fmt: skip
+    for dist in (
+        "vdmpp-schedules",
+        "vdmpp-losses",
+        "vdmpp-samplers",
+        "vdmpp-models",
+        "vdmpp-kernels",
+        "vdmpp-train",
+        "vdmpp-eval",
+        "torch",
+    ):
         assert dist in lines, r.stdout
     assert lines["torch"].startswith(torch.__version__.split("+")[0])
 
@@ -176,8 +229,9 @@ def test_grid_columns_are_classes_and_upscaled() -> None:
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, size=37)
-    images = (labels[:, None, None, None] * 20 + 5).astype(np.uint8) * np.ones((1, 8, 8, 1),
-                                                                               np.uint8)
+    images = (labels[:, None, None, None] * 20 + 5).astype(np.uint8) * np.ones(
+        (1, 8, 8, 1), np.uint8
+    )
     g = image_grid(images, labels=labels, num_classes=10)
     scale = 8  # an 8×8 digit becomes 64×64
     rows = int(np.bincount(labels, minlength=10).max())
@@ -194,8 +248,24 @@ def test_sample_grid_has_classes_as_columns_and_a_caption(export_dir, tmp_path) 
     from PIL import Image
 
     out = tmp_path / "s"
-    assert main(["sample", str(export_dir), "--seeds", "0-19", "--steps", "2", "--out", str(out),
-                 "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sample",
+                str(export_dir),
+                "--seeds",
+                "0-19",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with Image.open(out / "grid.png") as im:
         caption = im.text["Description"]
         width = im.width

@@ -28,8 +28,22 @@ def _one_line_exit_2(argv: list[str], capsys) -> str:
 @pytest.mark.parametrize("batch", ["-1", "0"])
 def test_eval_sample_batch_must_be_positive(export_dir, tmp_path, capsys, batch) -> None:
     out = tmp_path / "s"
-    err = _one_line_exit_2(["sample", str(export_dir), "--seeds", "0-3", "--out", str(out),
-                            "--batch", batch, "--device", "cpu", "--no-progress"], capsys)
+    err = _one_line_exit_2(
+        [
+            "sample",
+            str(export_dir),
+            "--seeds",
+            "0-3",
+            "--out",
+            str(out),
+            "--batch",
+            batch,
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert "--batch must be >= 1" in err
     assert not (out / "chunks").exists()  # no empty chunks that would count as done
 
@@ -40,19 +54,30 @@ def test_eval_empty_chunk_is_not_done(tmp_path) -> None:
     assert not _chunk_done(p, [0, 1, 2, 3])  # what --batch -1 used to leave behind
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("resolution", "8"), ("process", "xx"), ("sigma_data", -1.0), ("model", "tiny"),
-    ("num_classes", 0), ("channels", 9), ("parameterization", None), ("data_range", [1, -1]),
-    ("step", -3), ("logsnr_min", "inf"),
-])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("resolution", "8"),
+        ("process", "xx"),
+        ("sigma_data", -1.0),
+        ("model", "tiny"),
+        ("num_classes", 0),
+        ("channels", 9),
+        ("parameterization", None),
+        ("data_range", [1, -1]),
+        ("step", -3),
+        ("logsnr_min", "inf"),
+    ],
+)
 def test_eval_bad_model_json_fields(export_dir, tmp_path, capsys, key, value) -> None:
     d = tmp_path / "export"
     shutil.copytree(export_dir, d)
     meta = json.loads((d / "model.json").read_text())
     meta[key] = value
     (d / "model.json").write_text(json.dumps(meta))
-    err = _one_line_exit_2(["sample", str(d), "--seeds", "0", "--out", str(tmp_path / "s"),
-                            "--device", "cpu"], capsys)
+    err = _one_line_exit_2(
+        ["sample", str(d), "--seeds", "0", "--out", str(tmp_path / "s"), "--device", "cpu"], capsys
+    )
     assert key in err
 
 
@@ -71,8 +96,9 @@ def test_eval_huge_model_json_refused_before_allocating(export_dir, tmp_path, mo
     d = tmp_path / "export"
     shutil.copytree(export_dir, d)
     meta = json.loads((d / "model.json").read_text())
-    meta["model"]["overrides"].update(model_channels=4096, channel_mult=[1, 2, 4, 8],
-                                      num_res_blocks=4)  # tens of GB of float32
+    meta["model"]["overrides"].update(
+        model_channels=4096, channel_mult=[1, 2, 4, 8], num_res_blocks=4
+    )  # tens of GB of float32
     (d / "model.json").write_text(json.dumps(meta))
     with pytest.raises(EvalError, match="do not match the model"):
         load_model(d)
@@ -90,14 +116,25 @@ def _tar(path, members: dict[str, bytes]) -> None:
 def test_eval_corrupt_png_in_data(export_dir, tmp_path, capsys) -> None:
     (tmp_path / "sh").mkdir()
     _tar(tmp_path / "sh" / "a.tar", {"k0.png": b"\x89PNG\r\n\x1a\nbroken", "k0.cls": b"1"})
-    err = _one_line_exit_2(["bpd", str(export_dir), "--data", str(tmp_path / "sh"),
-                            "--device", "cpu", "--no-progress"], capsys)
+    err = _one_line_exit_2(
+        [
+            "bpd",
+            str(export_dir),
+            "--data",
+            str(tmp_path / "sh"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert "k0.png" in err and "not a readable image" in err
 
 
 def test_eval_label_outside_the_models_classes(export_dir, tmp_path, capsys) -> None:
     f = tmp_path / "d.npz"
     np.savez(f, images=np.zeros((3, 8, 8, 1), np.uint8), labels=np.array([0, 12, 3]))
-    err = _one_line_exit_2(["bpd", str(export_dir), "--data", str(f), "--device", "cpu",
-                            "--no-progress"], capsys)
+    err = _one_line_exit_2(
+        ["bpd", str(export_dir), "--data", str(f), "--device", "cpu", "--no-progress"], capsys
+    )
     assert "label 12" in err

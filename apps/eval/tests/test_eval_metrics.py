@@ -31,8 +31,10 @@ def test_digits_frechet_distance_self_zero_and_grows_with_noise():
     x, _ = digits("test")
     self_fd = M.compute_metrics(x, x, extractor="digits", metrics=("fid",))["fid"]
     assert abs(self_fd) < 1e-6
-    fds = [M.compute_metrics(_noised(x, s), x, extractor="digits", metrics=("fid",))["fid"]
-           for s in (8, 24, 64)]
+    fds = [
+        M.compute_metrics(_noised(x, s), x, extractor="digits", metrics=("fid",))["fid"]
+        for s in (8, 24, 64)
+    ]
     assert 0 < fds[0] < fds[1] < fds[2], fds
     # precision/recall of a set against itself are 1; KID and IS run
     m = M.compute_metrics(x, x, extractor="digits", metrics=("prc", "kid", "isc"), kid_subsets=5)
@@ -69,8 +71,9 @@ def test_offline_inception_weights_end_to_end(tmp_path, monkeypatch):
     x, _ = digits("test")
     x = x[:16]
     y = _noised(x, 64)
-    m = M.compute_metrics(x, x, weights=path, metrics=("fid", "kid", "prc", "isc"),
-                          cuda=False, kid_subsets=3)
+    m = M.compute_metrics(
+        x, x, weights=path, metrics=("fid", "kid", "prc", "isc"), cuda=False, kid_subsets=3
+    )
     assert abs(m["fid"]) < 1e-3 and m["precision"] == 1.0
     monkeypatch.setenv("VDMPP_INCEPTION_WEIGHTS", str(path))  # the env var route
     m2 = M.compute_metrics(y, x, metrics=("fid",), cuda=False)

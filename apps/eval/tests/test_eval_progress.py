@@ -23,8 +23,9 @@ def test_progress_plain_lines_off_a_terminal_bar_on_one() -> None:
     p.close()
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue()
-    assert [ln.split(" img")[0] for ln in lines] == [f"sample: {k}/10" for k in
-                                                      (2, 4, 6, 8, 10, 10)]  # fmt: skip
+    assert [ln.split(" img")[0] for ln in lines] == [
+        f"sample: {k}/10" for k in (2, 4, 6, 8, 10, 10)
+    ]
     assert "(100%)" in lines[-1] and "ETA 0s" in lines[-1]
     quiet = io.StringIO()
     p = Progress(10, "img", desc="sample", stream=quiet, every=3600.0)
@@ -47,13 +48,29 @@ def test_progress_plain_lines_off_a_terminal_bar_on_one() -> None:
 def test_sampling_logs_progress_lines_in_a_log(export_dir, tmp_path, caplog) -> None:
     model, meta = load_model(export_dir, "cpu")
     with caplog.at_level(logging.INFO, logger="vdmpp.eval"):
-        stats = run_shard(model, meta, list(range(6)), SampleSpec("euler", 2), tmp_path / "s",
-                          chunk=3, batch_size=3, progress=True)  # fmt: skip
+        stats = run_shard(
+            model,
+            meta,
+            list(range(6)),
+            SampleSpec("euler", 2),
+            tmp_path / "s",
+            chunk=3,
+            batch_size=3,
+            progress=True,
+        )
     assert stats["done"] == 6
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sample: ")]
     assert lines and lines[-1].startswith("sample: 6/6 img (100%)"), lines
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="vdmpp.eval"):
-        run_shard(model, meta, list(range(6, 9)), SampleSpec("euler", 2), tmp_path / "s2",
-                  chunk=3, batch_size=3, progress=False)  # fmt: skip
+        run_shard(
+            model,
+            meta,
+            list(range(6, 9)),
+            SampleSpec("euler", 2),
+            tmp_path / "s2",
+            chunk=3,
+            batch_size=3,
+            progress=False,
+        )
     assert not [r for r in caplog.records if r.getMessage().startswith("sample: ")]

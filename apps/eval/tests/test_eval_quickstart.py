@@ -35,7 +35,7 @@ def test_quickstart_prints_its_numbers(tmp_path):
     env = {
         **os.environ,
         "PATH": f"{tmp_path / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
-                f"{os.environ.get('PATH', '')}",
+        f"{os.environ.get('PATH', '')}",
         "PYTHON": sys.executable,
         "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
         "VDMPP_QUICKSTART_OUT": str(tmp_path / "qs"),
@@ -44,17 +44,23 @@ def test_quickstart_prints_its_numbers(tmp_path):
         "VDMPP_QUICKSTART_ALLOW_SYSTEM": "1",
         "OMP_NUM_THREADS": "2",
     }
-    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
-                       timeout=900, cwd=tmp_path)
+    r = subprocess.run(
+        ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     out = r.stdout
-    for pattern in (r"bits/dim .*:\s+\d+\.\d+ ± \d+\.\d+", r"Fréchet distance .*NOT Inception",
-                    r"class accuracy .*:\s+\d\.\d+", r"sample grid\s+\S+grid\.png"):
+    for pattern in (
+        r"bits/dim .*:\s+\d+\.\d+ ± \d+\.\d+",
+        r"Fréchet distance .*NOT Inception",
+        r"class accuracy .*:\s+\d\.\d+",
+        r"sample grid\s+\S+grid\.png",
+    ):
         assert re.search(pattern, out), (pattern, out[-2000:])
     assert (tmp_path / "qs" / "samples-step20" / "grid.png").is_file()
     assert (tmp_path / "qs" / "plots" / "run.png").is_file()
     # idempotent: a second run neither retrains nor resamples
-    r2 = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
-                        timeout=900, cwd=tmp_path)
+    r2 = subprocess.run(
+        ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "already trained" in r2.stdout

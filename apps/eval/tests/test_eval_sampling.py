@@ -29,8 +29,13 @@ SPEC = SampleSpec(sampler="edm", steps=4, churn=10.0)  # stochastic: step noise 
 def test_parse_seeds():
     assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
     assert parse_seeds("7,1-2, 7") == [1, 2, 7]
-    for bad, why in [("-1-3", "out of range"), ("5-2", "empty range"), ("x", "cannot parse"),
-                     (f"0-{2**32}", "out of range"), ("", "cannot parse")]:
+    for bad, why in [
+        ("-1-3", "out of range"),
+        ("5-2", "empty range"),
+        ("x", "cannot parse"),
+        (f"0-{2**32}", "out of range"),
+        ("", "cannot parse"),
+    ]:
         with pytest.raises(EvalError, match=why):
             parse_seeds(bad)
 
@@ -97,8 +102,21 @@ def test_other_settings_in_the_same_dir_refused(export_dir, tmp_path):
 
 def test_cli_sample_writes_npz_and_grid(export_dir, tmp_path, capsys):
     out = tmp_path / "s"
-    argv = ["sample", str(export_dir), "--sampler", "heun", "--steps", "3", "--seeds", "0-9",
-            "--out", str(out), "--chunk", "4", "--no-progress"]
+    argv = [
+        "sample",
+        str(export_dir),
+        "--sampler",
+        "heun",
+        "--steps",
+        "3",
+        "--seeds",
+        "0-9",
+        "--out",
+        str(out),
+        "--chunk",
+        "4",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["done"] == 10 and Path(res["grid"]).is_file()
@@ -118,15 +136,42 @@ def test_cli_bad_seeds(export_dir, tmp_path, capsys, seeds, msg):
 def test_torchrun_two_ranks_gloo(export_dir, tmp_path):
     """Two real processes (torchrun, gloo) give the images of one."""
     pytest.importorskip("torch.distributed.run")
-    common = ["sample", str(export_dir), "--sampler", "edm", "--churn", "10", "--steps", "3",
-              "--seeds", "0-5", "--chunk", "2", "--no-progress", "--device", "cpu"]
+    common = [
+        "sample",
+        str(export_dir),
+        "--sampler",
+        "edm",
+        "--churn",
+        "10",
+        "--steps",
+        "3",
+        "--seeds",
+        "0-5",
+        "--chunk",
+        "2",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "vdmpp.eval", *common, "--out", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "vdmpp.eval",
+        *common,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    with np.load(tmp_path / "one" / "samples.npz") as a, \
-         np.load(tmp_path / "two" / "samples.npz") as b:
+    with (
+        np.load(tmp_path / "one" / "samples.npz") as a,
+        np.load(tmp_path / "two" / "samples.npz") as b,
+    ):
         np.testing.assert_array_equal(a["images"], b["images"])

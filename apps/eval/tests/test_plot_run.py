@@ -15,10 +15,17 @@ from vdmpp.eval.cli import main
 def _rows() -> list[dict]:
     rows = []
     for step in (10, 20, 30):
-        rows.append({"step": step, "loss": 1.0 / step, "grad_norm": 2.0 + step, "lr": 1e-4 * step,
-                     "images_per_s": 100.0 + step,
-                     "loss_per_logsnr_bin": {"edges": [-10.0, 0.0, 10.0], "loss": [0.5, None]},
-                     "adaptive_density": [0.04, 0.06]})  # fmt: skip
+        rows.append(
+            {
+                "step": step,
+                "loss": 1.0 / step,
+                "grad_norm": 2.0 + step,
+                "lr": 1e-4 * step,
+                "images_per_s": 100.0 + step,
+                "loss_per_logsnr_bin": {"edges": [-10.0, 0.0, 10.0], "loss": [0.5, None]},
+                "adaptive_density": [0.04, 0.06],
+            }
+        )
     rows[1]["grad_norm"] = math.nan  # a skipped (non-finite) interval: left out of the curve
     return rows
 

@@ -41,15 +41,30 @@ def _one_line_refusal(capsys, rc: int) -> str:
 
 @pytest.mark.parametrize("where", ["run", "export", "file"])
 def test_bpd_refuses_a_preempted_run(preempted_run, capsys, where):
-    path = {"run": preempted_run, "export": preempted_run / "export",
-            "file": preempted_run / "export" / "ema.safetensors"}[where]  # fmt: skip
+    path = {
+        "run": preempted_run,
+        "export": preempted_run / "export",
+        "file": preempted_run / "export" / "ema.safetensors",
+    }[where]
     rc = main(["bpd", str(path), "--data", "digits:test", "--limit", "4", "--device", "cpu"])
     _one_line_refusal(capsys, rc)
 
 
 def test_allow_partial_reports_with_a_warning(preempted_run, capsys):
-    rc = main(["bpd", str(preempted_run), "--data", "digits:test", "--limit", "4", "--device",
-               "cpu", "--no-progress", "--allow-partial"])  # fmt: skip
+    rc = main(
+        [
+            "bpd",
+            str(preempted_run),
+            "--data",
+            "digits:test",
+            "--limit",
+            "4",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--allow-partial",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert json.loads(cap.out)["images"] == 4
@@ -58,15 +73,30 @@ def test_allow_partial_reports_with_a_warning(preempted_run, capsys):
 
 def test_sample_and_metrics_refuse_a_preempted_run(preempted_run, tmp_path, capsys):
     out = tmp_path / "samples"
-    rc = main(["sample", str(preempted_run), "--seeds", "0-3", "--out", str(out),
-               "--device", "cpu"])  # fmt: skip
+    rc = main(
+        ["sample", str(preempted_run), "--seeds", "0-3", "--out", str(out), "--device", "cpu"]
+    )
     _one_line_refusal(capsys, rc)
     assert not out.exists()  # refused before any work
     rc = main(["metrics", str(preempted_run), "--ref", "digits", "--num", "4", "--device", "cpu"])
     _one_line_refusal(capsys, rc)
     # samples drawn with --allow-partial: metrics on them refuses too (sample.json names the run)
-    rc = main(["sample", str(preempted_run / "export"), "--seeds", "0-3", "--steps", "2",
-               "--out", str(out), "--device", "cpu", "--no-progress", "--allow-partial"])
+    rc = main(
+        [
+            "sample",
+            str(preempted_run / "export"),
+            "--seeds",
+            "0-3",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--allow-partial",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
     rc = main(["metrics", str(out), "--ref", "digits", "--device", "cpu"])
@@ -78,10 +108,31 @@ def test_a_done_run_passes_and_eval_logs_plain_lines(tmp_path):
     write_tiny_export(run / "export")
     write_status(run, "done", step=10, steps=10)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    r = subprocess.run([sys.executable, "-m", "vdmpp.eval", "sample", str(run), "--seeds", "0-7",
-                        "--steps", "2", "--batch", "4", "--chunk", "4", "--out",
-                        str(tmp_path / "s"), "--device", "cpu"],
-                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vdmpp.eval",
+            "sample",
+            str(run),
+            "--seeds",
+            "0-7",
+            "--steps",
+            "2",
+            "--batch",
+            "4",
+            "--chunk",
+            "4",
+            "--out",
+            str(tmp_path / "s"),
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "\r" not in r.stdout and "\r" not in r.stderr  # no tqdm bar into a pipe
     assert json.loads(r.stdout)["images"] == 8
@@ -92,9 +143,14 @@ def test_a_done_run_passes_and_eval_logs_plain_lines(tmp_path):
 
 
 # --- the quickstart ------------------------------------------------------------------------------
-_SMALL = ["data.resolution=8", "batch.global=8", "log.every=1", "optimizer.warmup_images=0",
-          "model.overrides={model_channels=16, channel_mult=[1, 2], num_res_blocks=1, "
-          "attention_resolutions=[], head_channels=16}"]  # fmt: skip
+_SMALL = [
+    "data.resolution=8",
+    "batch.global=8",
+    "log.every=1",
+    "optimizer.warmup_images=0",
+    "model.overrides={model_channels=16, channel_mult=[1, 2], num_res_blocks=1, "
+    "attention_resolutions=[], head_channels=16}",
+]
 
 
 def test_preempted_quickstart_exits_nonzero_and_prints_no_metrics(tmp_path):
@@ -120,7 +176,7 @@ wait $pid
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
-                f"{os.environ.get('PATH', '')}",
+        f"{os.environ.get('PATH', '')}",
         "PYTHON": sys.executable,
         "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
         "VDMPP_QUICKSTART_OUT": str(out),
@@ -128,8 +184,14 @@ wait $pid
         "VDMPP_QUICKSTART_ALLOW_SYSTEM": "1",
         "OMP_NUM_THREADS": "1",
     }
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env,
-                       capture_output=True, text=True, timeout=600, cwd=tmp_path)  # fmt: skip
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "quickstart.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert r.returncode == 75, r.stdout[-2000:] + r.stderr[-3000:]
     status = json.loads((out / "run" / "status.json").read_text())
     assert status["status"] == "preempted" and status["step"] >= 1

@@ -83,9 +83,18 @@ def estimate_bpd(
         for i in range(0, n, batch_size):
             xb = x[i : i + batch_size].to(device)
             yb = class_labels[i : i + batch_size].to(device) if class_labels is not None else None
-            terms = bits_per_dim(model, xb, schedule, steps=steps,
-                                 parameterization=parameterization, process=process,
-                                 class_labels=yb, bits=bits, sigma_data=sigma_data, generator=gen)
+            terms = bits_per_dim(
+                model,
+                xb,
+                schedule,
+                steps=steps,
+                parameterization=parameterization,
+                process=process,
+                class_labels=yb,
+                bits=bits,
+                sigma_data=sigma_data,
+                generator=gen,
+            )
             for j, v in enumerate(terms):
                 acc[j, i : i + len(xb)] += v.detach().double().cpu()
             if bar is not None:
@@ -112,8 +121,9 @@ def bpd_of_export(model: Any, meta: dict, images: np.ndarray, labels: np.ndarray
     """The bound for an exported model on uint8 images [N, H, W, C] (8-bit data)."""
     res, ch = int(meta["resolution"]), int(meta["channels"])
     if images.shape[1:] != (res, res, ch):
-        raise EvalError(f"data images are {images.shape[1:]} but the model takes "
-                        f"{(res, res, ch)} (H, W, C)")
+        raise EvalError(
+            f"data images are {images.shape[1:]} but the model takes {(res, res, ch)} (H, W, C)"
+        )
     x = from_uint8(images, tuple(meta.get("data_range", (-1.0, 1.0))))
     y = None
     if meta.get("num_classes"):
@@ -123,6 +133,14 @@ def bpd_of_export(model: Any, meta: dict, images: np.ndarray, labels: np.ndarray
     # A Preconditioned model's forward returns its own parameterization; eps/x/v/edm all work.
     lo = float(meta.get("logsnr_min", meta.get("schedule", {}).get("logsnr_range", [-20, 20])[0]))
     hi = float(meta.get("logsnr_max", meta.get("schedule", {}).get("logsnr_range", [-20, 20])[1]))
-    return estimate_bpd(model, x, logsnr_min=lo, logsnr_max=hi,
-                        parameterization=meta["parameterization"], process=meta["process"],
-                        class_labels=y, sigma_data=float(meta.get("sigma_data", 0.5)), **kw)
+    return estimate_bpd(
+        model,
+        x,
+        logsnr_min=lo,
+        logsnr_max=hi,
+        parameterization=meta["parameterization"],
+        process=meta["process"],
+        class_labels=y,
+        sigma_data=float(meta.get("sigma_data", 0.5)),
+        **kw,
+    )

@@ -41,8 +41,9 @@ def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (ValueError, OSError) as e:
         raise EvalError(f"{path}: not a readable .npz without pickles: {e}") from None
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise EvalError(f"{path}: 'images' must be uint8 [N, H, W, C], got {images.dtype} "
-                        f"{images.shape}")
+        raise EvalError(
+            f"{path}: 'images' must be uint8 [N, H, W, C], got {images.dtype} {images.shape}"
+        )
     if images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
         images = images.transpose(0, 2, 3, 1)  # [N, C, H, W] → [N, H, W, C]
     if labels is None:
@@ -71,8 +72,9 @@ def _from_shards(urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
                             try:
                                 classes[key] = int(data.decode("ascii").strip())
                             except (UnicodeDecodeError, ValueError):
-                                raise EvalError(f"{url}: {m.name}: not an integer class label: "
-                                                f"{data[:20]!r}") from None
+                                raise EvalError(
+                                    f"{url}: {m.name}: not an integer class label: {data[:20]!r}"
+                                ) from None
         except (tarfile.TarError, OSError) as e:
             raise EvalError(f"{url}: not a readable tar shard: {e}") from None
         for key, data in pngs.items():
@@ -103,8 +105,10 @@ def load_images(
     if num_classes is not None and len(labels):
         bad = (labels < -1) | (labels >= int(num_classes))
         if bad.any():
-            raise EvalError(f"{spec}: label {int(labels[bad][0])} is outside the model's "
-                            f"{num_classes} classes [0, {int(num_classes)})")
+            raise EvalError(
+                f"{spec}: label {int(labels[bad][0])} is outside the model's "
+                f"{num_classes} classes [0, {int(num_classes)})"
+            )
     return images, labels
 
 
@@ -119,14 +123,18 @@ def _load_images(spec: str | Path, resolution: int | None = None) -> tuple[np.nd
     if path.is_dir() and (path / "samples.npz").is_file():
         return _from_npz(path / "samples.npz")
     if path.is_dir() and (path / "chunks").is_dir():
-        raise EvalError(f"{path}: sampling is not finished (no samples.npz); rerun "
-                        "`vdmpp-eval sample` with the same arguments to complete it")
+        raise EvalError(
+            f"{path}: sampling is not finished (no samples.npz); rerun "
+            "`vdmpp-eval sample` with the same arguments to complete it"
+        )
     from vdmpp.train.config import ConfigError
     from vdmpp.train.data import expand_source
 
     if not path.exists() and "{" not in spec:
-        raise EvalError(f"{spec}: no such data (expected 'digits', an .npz, a sample directory, "
-                        "a directory of .tar shards or a shard pattern like data-{000..009}.tar)")
+        raise EvalError(
+            f"{spec}: no such data (expected 'digits', an .npz, a sample directory, "
+            "a directory of .tar shards or a shard pattern like data-{000..009}.tar)"
+        )
     try:
         urls = expand_source(spec)
     except ConfigError as e:

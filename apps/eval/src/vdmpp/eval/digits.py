@@ -100,16 +100,15 @@ def cache_dir() -> Path:
 
 def classifier_path() -> Path:
     """The cached classifier weights, trained on first use (safetensors; never a pickle)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from vdmpp.train.fileio import write_atomic
 
     path = cache_dir() / "eval" / f"digits-classifier-v{VERSION}.safetensors"
     if not path.is_file():
         net, acc = train_classifier()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
-                  metadata={"test_accuracy": f"{acc:.4f}"})
-        tmp.replace(path)
+        state = {k: v.contiguous() for k, v in net.state_dict().items()}
+        write_atomic(path, save(state, metadata={"test_accuracy": f"{acc:.4f}"}))
     return path
 
 

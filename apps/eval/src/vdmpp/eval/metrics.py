@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vdmpp.train.fileio import atomic_open, write_atomic
+
 from ._compat import import_torch_fidelity
 from .digits import cache_dir
 from .model import EvalError
@@ -103,18 +105,16 @@ def inception_weights(path: str | Path | None = None, *, required: bool = True) 
             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         ) from None
     if not isinstance(state, dict) or not all(k in state for k in _INCEPTION_KEYS):
-        raise EvalError(f"{p}: not torch-fidelity's Inception-v3 state dict (keys "
-                        f"{_INCEPTION_KEYS} expected); download {INCEPTION_URL}")
+        raise EvalError(
+            f"{p}: not torch-fidelity's Inception-v3 state dict (keys "
+            f"{_INCEPTION_KEYS} expected); download {INCEPTION_URL}"
+        )
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     buf = io.BytesIO()
     torch.save(state, buf)
     blob = buf.getvalue()
     safe = cache / f"inception-{digest}-{hashlib.sha256(blob).hexdigest()}.pt"
-    safe.parent.mkdir(parents=True, exist_ok=True)
-    tmp = safe.with_name(f".{safe.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, safe)
-    return safe
+    return write_atomic(safe, blob)
 
 
 def download_inception(dst: Path, *, timeout: float = 30.0) -> str:
@@ -126,31 +126,41 @@ def download_inception(dst: Path, *, timeout: float = 30.0) -> str:
     import sys
     import urllib.request
 
+    from tqdm import tqdm
+
     if os.environ.get("VDMPP_OFFLINE", "") not in ("", "0"):
         return "VDMPP_OFFLINE is set"
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
     try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256()
-        with urllib.request.urlopen(INCEPTION_URL, timeout=timeout) as r, open(tmp, "wb") as f:
+        # atomic_open: the file appears whole (fsynced) or not at all
+        with (
+            urllib.request.urlopen(INCEPTION_URL, timeout=timeout) as r,
+            atomic_open(dst, "wb") as f,
+        ):
             total = int(r.headers.get("Content-Length") or 0) or None
-            from tqdm import tqdm
-
-            with tqdm(total=total, unit="B", unit_scale=True, desc="Inception weights",
-                      disable=not sys.stderr.isatty()) as bar:
+            tty = sys.stderr.isatty()
+            bar = tqdm(
+                total=total, unit="B", unit_scale=True, desc="Inception weights", disable=not tty
+            )
+            with bar:
                 while chunk := r.read(1 << 20):
                     h.update(chunk)
                     f.write(chunk)
                     bar.update(len(chunk))
-        if not h.hexdigest().startswith(INCEPTION_SHA256_PREFIX):
-            return (f"the download's sha256 {h.hexdigest()[:16]}… does not start with "
-                    f"{INCEPTION_SHA256_PREFIX}")
-        os.replace(tmp, dst)
+            if not h.hexdigest().startswith(INCEPTION_SHA256_PREFIX):
+                raise _BadDigest(
+                    f"the download's sha256 {h.hexdigest()[:16]}… does not start with "
+                    f"{INCEPTION_SHA256_PREFIX}"
+                )
         return ""
+    except _BadDigest as e:
+        return str(e)
     except Exception as e:  # offline, refused, timed out, disk full: say which
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}".rstrip(": ")
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+class _BadDigest(Exception):
+    """The downloaded bytes are not the file torch hub names (nothing is kept)."""
 
 
 def _verified(path: Path) -> bool:
@@ -183,8 +193,9 @@ def weights_only_torch_load() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def create_extractor(extractor: str, layers: list[str], *, weights: str | Path | None = None,
-                     cuda: bool = False) -> Any:
+def create_extractor(
+    extractor: str, layers: list[str], *, weights: str | Path | None = None, cuda: bool = False
+) -> Any:
     """torch-fidelity's feature extractor, its weights file read weights-only."""
     import_torch_fidelity()
     from torch_fidelity.utils import create_feature_extractor
@@ -200,8 +211,10 @@ def create_extractor(extractor: str, layers: list[str], *, weights: str | Path |
         with weights_only_torch_load():
             return create_feature_extractor(extractor, list(layers), cuda=cuda, **kw)
     except pickle.UnpicklingError as e:
-        raise EvalError(f"{weights}: refusing to unpickle feature-extractor weights: "
-                        f"{str(e).splitlines()[0][:200]}") from None
+        raise EvalError(
+            f"{weights}: refusing to unpickle feature-extractor weights: "
+            f"{str(e).splitlines()[0][:200]}"
+        ) from None
 
 
 class _Images(torch.utils.data.Dataset):
@@ -233,8 +246,9 @@ def extract_features(
     from torch_fidelity.utils import get_featuresdict_from_dataset
 
     if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
-        raise EvalError(f"expected a non-empty uint8 [N, H, W, C] array, got {images.dtype} "
-                        f"{images.shape}")
+        raise EvalError(
+            f"expected a non-empty uint8 [N, H, W, C] array, got {images.dtype} {images.shape}"
+        )
     cuda = torch.cuda.is_available() if cuda is None else cuda
     key = None
     if cache:
@@ -253,12 +267,9 @@ def extract_features(
     )
     feats = {k: v.float().contiguous() for k, v in feats.items()}
     if key is not None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        key.parent.mkdir(parents=True, exist_ok=True)
-        tmp = key.with_name(f".{key.name}.{os.getpid()}.tmp")
-        save_file(feats, str(tmp))
-        os.replace(tmp, key)
+        write_atomic(key, save(feats))
     return feats
 
 
@@ -313,8 +324,9 @@ def compute_metrics(
         out["fid"] = fid_from_features(a, f2)
     if "kid" in metrics:
         size = min(1000, len(a), len(f2))
-        kid = kid_features_to_metric(a, f2, kid_subsets=kid_subsets, kid_subset_size=size,
-                                     verbose=False)
+        kid = kid_features_to_metric(
+            a, f2, kid_subsets=kid_subsets, kid_subset_size=size, verbose=False
+        )
         out["kid_mean"] = float(kid["kernel_inception_distance_mean"])
         out["kid_std"] = float(kid["kernel_inception_distance_std"])
     if "prc" in metrics:

@@ -30,8 +30,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
     p = Path(path)
     if not p.exists():
-        raise EvalError(f"{p}: no such checkpoint (expected a run directory, RUN/export/ or "
-                        "RUN/export/ema.safetensors)")
+        raise EvalError(
+            f"{p}: no such checkpoint (expected a run directory, RUN/export/ or "
+            "RUN/export/ema.safetensors)"
+        )
     if p.is_file() and p.suffix.lower() in _PICKLE_SUFFIXES:
         raise EvalError(
             f"{p}: refusing a {p.suffix} file: vdmpp-eval reads only vdmpp-model exports "

@@ -68,10 +68,20 @@ def plot_weightings(path: str | Path) -> Path:
         except (TypeError, ValueError):  # a weighting that needs arguments
             continue
         # Equal curves (FlowOT and v-prediction are both e^{−λ/2}) stay visible: dashes alternate.
-        ax.plot(lam.numpy(), (w / w.max()).numpy(), label=name, color=colors[i % len(colors)],
-                linestyle="--" if i % 2 else "-")  # fmt: skip
-    ax.set(xlabel="log-SNR λ", ylabel="w(λ) / max w", yscale="log", ylim=(1e-4, 1.5),
-           title="Weighting functions (implied by each objective)")
+        ax.plot(
+            lam.numpy(),
+            (w / w.max()).numpy(),
+            label=name,
+            color=colors[i % len(colors)],
+            linestyle="--" if i % 2 else "-",
+        )
+    ax.set(
+        xlabel="log-SNR λ",
+        ylabel="w(λ) / max w",
+        yscale="log",
+        ylim=(1e-4, 1.5),
+        title="Weighting functions (implied by each objective)",
+    )
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
@@ -134,8 +144,7 @@ def plot_run(run: str | Path, path: str | Path) -> Path:
         if pts:
             a2.plot(*zip(*pts), marker="o")
     a2.set(xlabel="log-SNR λ", ylabel="loss", title=f"loss per λ bin (step {last.get('step')})")
-    density = next((r["adaptive_density"] for r in reversed(recs) if "adaptive_density" in r),
-                   None)
+    density = next((r["adaptive_density"] for r in reversed(recs) if "adaptive_density" in r), None)
     if density:
         n = len(density)
         width = (hi - lo) / n

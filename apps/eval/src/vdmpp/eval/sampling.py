@@ -20,18 +20,19 @@ resumes where it stopped (losing at most one chunk per rank).
 from __future__ import annotations
 
 import json
-import math
-import os
+import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from vdmpp.train.fileio import write_atomic, write_json_atomic
+
 from .model import EvalError, denoiser_for, to_uint8
+from .spec import SAMPLERS, SampleSpec, run_sampler
 
 __all__ = [
     "SAMPLERS",
@@ -44,50 +45,8 @@ __all__ = [
     "save_grid",
 ]
 
-SAMPLERS = ("heun", "edm", "euler", "ddpm", "ddim")
 MAX_SEED = 2**32 - 1
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """Everything that decides image k besides seed k and the model."""
-
-    sampler: str = "heun"
-    steps: int = 18
-    churn: float = 0.0
-    s_tmin: float = 0.0
-    s_tmax: float = math.inf
-    s_noise: float = 1.0
-    eta: float = 0.0
-    guidance: float = 1.0
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    class_label: int | None = None
-    precision: str = "fp32"
-
-    def validate(self, meta: dict) -> SampleSpec:
-        if self.sampler not in SAMPLERS:
-            raise EvalError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
-        if self.steps < 1:
-            raise EvalError(f"--steps must be >= 1, got {self.steps}")
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise EvalError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
-                            f"{self.sigma_max}")
-        if self.precision not in ("fp32", "bf16"):
-            raise EvalError(f"--precision must be fp32 or bf16, got {self.precision!r}")
-        n = meta.get("num_classes")
-        if self.class_label is not None and (not n or not 0 <= self.class_label < n):
-            raise EvalError(f"--class {self.class_label} is outside the model's classes "
-                            f"({n or 'unconditional'})")
-        if self.guidance != 1.0 and not n:
-            raise EvalError("--guidance needs a class-conditional model")
-        return self
-
-    def sigmas(self) -> torch.Tensor:
-        from vdmpp.samplers import karras_sigmas
-
-        return karras_sigmas(self.steps, self.sigma_min, self.sigma_max, self.rho)
+_log = logging.getLogger("vdmpp.eval")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -118,21 +77,6 @@ def labels_for(seeds: Sequence[int], meta: dict, spec: SampleSpec) -> np.ndarray
     if spec.class_label is not None:
         return np.full(len(seeds), spec.class_label, np.int64)
     return np.asarray(seeds, np.int64) % int(n)
-
-
-def _run_sampler(denoiser, noise, spec: SampleSpec, gen, extra: dict) -> tuple[torch.Tensor, int]:
-    from vdmpp import samplers as S
-
-    sigmas = spec.sigmas()
-    common: dict[str, Any] = dict(generator=gen, extra_args=extra, return_info=True)
-    if spec.sampler == "edm":
-        x, info = S.edm_stochastic(denoiser, noise, sigmas, churn=spec.churn, s_tmin=spec.s_tmin,
-                                   s_tmax=spec.s_tmax, s_noise=spec.s_noise, **common)
-    elif spec.sampler == "ddim":
-        x, info = S.ddim(denoiser, noise, sigmas, eta=spec.eta, **common)
-    else:
-        x, info = getattr(S, spec.sampler)(denoiser, noise, sigmas, **common)
-    return x, info.nfe
 
 
 def generate(
@@ -167,7 +111,7 @@ def generate(
         if labels is not None:
             extra["class_labels"] = torch.as_tensor(labels[i : i + batch_size], device=device)
         with torch.autocast(device.type, torch.bfloat16, enabled=spec.precision == "bf16"):
-            x, nfe = _run_sampler(denoiser, noise, spec, gen, extra)
+            x, nfe = run_sampler(denoiser, noise, spec, gen, extra)
         out.append(to_uint8(x, data_range))  # type: ignore[arg-type]
         if progress is not None:
             progress(len(batch))
@@ -185,26 +129,31 @@ def _chunk_done(path: Path, seeds: Sequence[int]) -> bool:
         return False
     try:
         with np.load(path, allow_pickle=False) as z:
-            return (np.array_equal(z["seeds"], np.asarray(seeds, np.int64))
-                    and "images" in z.files and len(z["images"]) == len(seeds))
+            return (
+                np.array_equal(z["seeds"], np.asarray(seeds, np.int64))
+                and "images" in z.files
+                and len(z["images"]) == len(seeds)
+            )
     except Exception:  # a torn or foreign file: redo the chunk
         return False
 
 
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    """``np.savez`` streamed into :func:`vdmpp.train.fileio.write_atomic` (fsynced file and
+    directory; ``samples.npz`` of 50k images is not copied through memory first)."""
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def settings_record(spec: SampleSpec, meta: dict, checkpoint: str) -> dict[str, Any]:
-    s = asdict(spec)
-    s["s_tmax"] = None if math.isinf(spec.s_tmax) else spec.s_tmax
-    return {"checkpoint": str(Path(checkpoint).resolve()), "step": meta.get("step"),
-            "resolution": meta["resolution"], "channels": meta["channels"],
-            "num_classes": meta.get("num_classes"), "spec": s}
+    """What ``sample.json`` records: the checkpoint, the model's shape and the settings."""
+    return {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "step": meta.get("step"),
+        "resolution": meta["resolution"],
+        "channels": meta["channels"],
+        "num_classes": meta.get("num_classes"),
+        "spec": spec.record(),
+    }
 
 
 def check_settings(out: Path, record: dict[str, Any]) -> None:
@@ -220,10 +169,7 @@ def check_settings(out: Path, record: dict[str, Any]) -> None:
                 "choose another --out or delete it"
             )
         return
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".sample.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, record)
 
 
 def shard_chunks(seeds: Sequence[int], chunk: int, rank: int, world: int) -> list[list[int]]:
@@ -261,18 +207,22 @@ def run_shard(
     skipped = sum(len(c) for c in mine) - sum(len(c) for c in todo)
     bar = None
     if rank == 0:  # a bar on a terminal, else a plain line every 10 s in the log (no \r)
-        import logging
-
         from vdmpp.train.log import Progress
 
-        bar = Progress(sum(len(c) for c in todo), "img", desc="sample", enabled=progress,
-                       emit=logging.getLogger("vdmpp.eval").info)  # fmt: skip
+        total = sum(len(c) for c in todo)
+        bar = Progress(total, "img", desc="sample", enabled=progress, emit=_log.info)
     nfe = 0
     try:
         for c in todo:
-            images, labels, nfe = generate(model, meta, c, spec, device=device,
-                                           batch_size=batch_size,
-                                           progress=bar.update if bar else None)
+            images, labels, nfe = generate(
+                model,
+                meta,
+                c,
+                spec,
+                device=device,
+                batch_size=batch_size,
+                progress=bar.update if bar else None,
+            )
             arrays = {"images": images, "seeds": np.asarray(c, np.int64)}
             if labels is not None:
                 arrays["labels"] = labels
@@ -283,8 +233,15 @@ def run_shard(
     return {"done": sum(len(c) for c in todo), "skipped": skipped, "nfe": nfe}
 
 
-def assemble(out: str | Path, seeds: Sequence[int], chunk: int = 500, grid: int = 64, *,
-             num_classes: int | None = None, caption: str | None = None) -> Path:
+def assemble(
+    out: str | Path,
+    seeds: Sequence[int],
+    chunk: int = 500,
+    grid: int = 64,
+    *,
+    num_classes: int | None = None,
+    caption: str | None = None,
+) -> Path:
     """Gather every chunk of ``seeds`` into ``samples.npz`` (+ ``grid.png``, columns = classes
     when ``num_classes``; ``caption`` above it); return its path."""
     out = Path(out)
@@ -307,8 +264,13 @@ def assemble(out: str | Path, seeds: Sequence[int], chunk: int = 500, grid: int 
         from vdmpp.train.grid import save_grid as write_grid
 
         labels_g = arrays["labels"][:grid] if have_labels and num_classes else None
-        write_grid(arrays["images"][:grid], out / "grid.png", labels=labels_g,
-                   num_classes=num_classes if labels_g is not None else None, caption=caption)
+        write_grid(
+            arrays["images"][:grid],
+            out / "grid.png",
+            labels=labels_g,
+            num_classes=num_classes if labels_g is not None else None,
+            caption=caption,
+        )
     return out / "samples.npz"
 
 
