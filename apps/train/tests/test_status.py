@@ -135,5 +135,8 @@ def test_exit_codes_are_distinct_and_documented():
     codes = [*S.EXIT_CODES.values(), S.EXIT_CONFIG]
     assert len(set(codes)) == len(codes) and S.EXIT_CODES["done"] == 0
     assert set(S.EXIT_CODES) == set(S.STATUSES)
+    from vdmpp.train import errors  # the one exit-code table (status.py reads it)
+
+    assert S.EXIT_CODES is errors.EXIT_CODES
     for name, code in S.EXIT_CODES.items():
-        assert f"``{name}``" in S.__doc__ and f" {code} " in S.__doc__
+        assert f"``{name}``" in errors.__doc__ and f" {code} " in errors.__doc__

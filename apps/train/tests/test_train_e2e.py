@@ -21,6 +21,7 @@ CONTRACT_KEYS = {
     "format", "version", "model", "parameterization", "process", "sigma_data", "resolution",
     "channels", "num_classes", "data_range", "logsnr_min", "logsnr_max", "schedule", "step",
     "weights_sha256",  # the pair's consistency check (load_exported verifies it)
+    "label_dropout",  # CFG training: vdmpp-eval refuses --guidance when it is 0
 }  # fmt: skip
 
 

@@ -79,7 +79,7 @@ def test_faults_sigterm_breaks_a_stalled_data_wait(launch, cli_env, small, tmp_p
     sets = [*small, "steps=100000", "log.every=1", f"out={run}"]
     script = textwrap.dedent(f"""
         import sys, time
-        import vdmpp.train.trainer as T
+        import vdmpp.train.loaders as T
         real = T.make_loader
         def stalling(spec, workers):
             it = real(spec, workers)

@@ -11,7 +11,6 @@ size, and returns a one-screen summary. Every problem is a :class:`ConfigError`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +20,11 @@ __all__ = ["check_device", "dry_run"]
 
 
 def check_device(name: str) -> str:
-    """The device a run would use ("cpu" or "cuda"); ConfigError when it is not available."""
-    import torch
+    """The device type a run would use ("cpu" or "cuda"); ConfigError when it is not available
+    (:func:`vdmpp.train.distributed.resolve_device`, the one home of this decision)."""
+    from .distributed import resolve_device
 
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "config: device = 'cuda' but no CUDA device is available here; use device = 'cpu' "
-            "(or 'auto', which picks CUDA when there is one)"
-        )
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return resolve_device(name, what="config: device =", use="device = 'cpu'").type
 
 
 def _probe_data(cfg: Config) -> str:
@@ -56,7 +49,10 @@ def dry_run(cfg: Config, *, resume: bool = False, world: int | None = None) -> s
     from .objective import Objective, build_net, model_spec
 
     cfg.validate()
-    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
+    if world is None:
+        from .distributed import dist_env
+
+        world = dist_env()[1]
     device = check_device(cfg.device)
     per_device, accum = cfg.micro_batches(world)
     existing = ckpt.list_checkpoints(Path(cfg.out) / "checkpoints")

@@ -9,23 +9,31 @@ latest readable one.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from .fileio import pid_alive, torch_save_atomic
 
 __all__ = [
     "CheckpointError",
+    "CheckpointIO",
     "find_latest",
     "is_loadable",
     "list_checkpoints",
     "load_checkpoint",
     "prune",
+    "rng_state",
     "save_atomic",
+    "set_rng_state",
 ]
 
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -42,42 +50,11 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path.tmp``, fsync, rename over ``path``, fsync the directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``torch.save`` atomically (:func:`vdmpp.train.fileio.torch_save_atomic`), then mark it
+    loadable."""
+    path = torch_save_atomic(obj, path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         mark_loadable(path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return path
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
-
-
-def write_atomic_bytes(data: bytes, path: str | Path) -> Path:
-    """Write bytes atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 
@@ -192,17 +169,72 @@ def prune(directory: str | Path, keep: int) -> list[Path]:
         gone.append(p)
     for p in d.glob(".ckpt-*.tmp"):
         pid = p.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             p.unlink(missing_ok=True)
             gone.append(p)
     return gone
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover
-        return True
-    return True
+def rng_state() -> dict[str, Any]:
+    """torch, numpy, Python (and CUDA) generator states as weights-only-loadable values."""
+    np_state = np.random.get_state()
+    py = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [py[0], list(py[1]), py[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointIO:
+    """One checkpoint over the run's components.
+
+    ``parts`` maps a checkpoint key to an object with ``state_dict()``/``load_state_dict()``
+    (model, EMA, optimizer, schedule, data positions, counters, ...): a new piece of training
+    state is one entry here, saved and restored with the rest. Keys in :data:`REQUIRED` must be
+    in a checkpoint; any other part missing from an older checkpoint keeps its fresh state.
+    """
+
+    def __init__(self, directory: str | Path, keep: int, parts: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+        self.parts = parts
+
+    def state(self, step: int, **extra: Any) -> dict[str, Any]:
+        """The checkpoint dict of every part at ``step`` (plus the RNG states and ``extra``)."""
+        state = {"format": FORMAT, "version": 1, "step": step, **extra}
+        state.update({k: p.state_dict() for k, p in self.parts.items()})
+        state["rng"] = rng_state()
+        return state
+
+    def save(self, state: dict[str, Any]) -> Path:
+        """Write atomically, then keep the newest ``keep`` loadable checkpoints."""
+        path = save_atomic(state, checkpoint_path(self.directory, int(state["step"])))
+        prune(self.directory, self.keep)
+        return path
+
+    def latest(
+        self, warn: Callable[[str], None] | None = None
+    ) -> tuple[Path, dict[str, Any]] | None:
+        return find_latest(self.directory, map_location="cpu", warn=warn)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load every part from ``state`` (RuntimeError/ValueError/KeyError on a mismatch)."""
+        for k, p in self.parts.items():
+            if k in REQUIRED or state.get(k):
+                p.load_state_dict(state[k])
+        set_rng_state(state["rng"])

@@ -65,23 +65,53 @@ def _shards_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="image folder, class-folder tree, CIFAR tarball, .npz or 'digits'")
     p.add_argument("out", nargs="?", help="output directory (shard-NNNNNN.tar + dataset.json)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="side after centre crop + resize (default: the first image's)")
-    p.add_argument("--shard-size", "--maxcount", dest="maxcount", type=int, default=1000,
-                   help="samples per shard (default 1000)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (default: the CPUs available, at most 16)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="side after centre crop + resize (default: the first image's)",
+    )
+    p.add_argument(
+        "--shard-size",
+        "--maxcount",
+        dest="maxcount",
+        type=int,
+        default=1000,
+        help="samples per shard (default 1000)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: the CPUs available, at most 16)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
-    p.add_argument("--split", choices=["train", "test", "all"], default=None,
-                   help="CIFAR: train (default) or test; digits: train, test or all")
-    p.add_argument("--labels", choices=["auto", "folders", "none"], default="auto",
-                   help="image folders: class sub-folders or unlabeled (auto: folders unless "
-                   "images lie directly in SRC)")
-    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
-                   help="1 or 3 (default: the first image's; colour into 1 converts to grey)")
+    p.add_argument(
+        "--split",
+        choices=["train", "test", "all"],
+        default=None,
+        help="CIFAR: train (default) or test; digits: train, test or all",
+    )
+    p.add_argument(
+        "--labels",
+        choices=["auto", "folders", "none"],
+        default="auto",
+        help="image folders: class sub-folders or unlabeled (auto: folders unless "
+        "images lie directly in SRC)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=[1, 3],
+        default=None,
+        help="1 or 3 (default: the first image's; colour into 1 converts to grey)",
+    )
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
-    p.add_argument("--verify", action="store_true",
-                   help="check the shards in SRC against their manifest (sizes and sha256)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the shards in SRC against their manifest (sizes and sha256)",
+    )
     return p
 
 
@@ -101,12 +131,24 @@ def _shards(argv: list[str]) -> int:
     if a.out is None:
         p.error("the following arguments are required: out")
     try:
-        meta = write_shards(a.src, a.out, maxcount=a.maxcount, resolution=a.resolution,
-                            seed=a.seed, workers=workers, progress=not a.no_progress,
-                            split=a.split, labels=a.labels, channels=a.channels)  # fmt: skip
+        meta = write_shards(
+            a.src,
+            a.out,
+            maxcount=a.maxcount,
+            resolution=a.resolution,
+            seed=a.seed,
+            workers=workers,
+            progress=not a.no_progress,
+            split=a.split,
+            labels=a.labels,
+            channels=a.channels,
+        )
     except KeyboardInterrupt:
-        print(f"vdmpp-train shards: interrupted; {a.out} has no manifest (training refuses it) "
-              "until this command is rerun", file=sys.stderr)
+        print(
+            f"vdmpp-train shards: interrupted; {a.out} has no manifest (training refuses it) "
+            "until this command is rerun",
+            file=sys.stderr,
+        )
         return 130
     line = skipped_line(meta, a.out)
     if line:

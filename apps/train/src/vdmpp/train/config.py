@@ -9,15 +9,18 @@ a TOML literal is taken as a bare string (``--set out=runs/x``). Nothing is ever
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any
+
+from vdmpp.schedules import PROCESSES
 
 from .errors import ConfigError
+from .objective import check_objective
+from .toml_io import apply_override, build, config_diff, dumps, parse_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,14 +41,15 @@ __all__ = [
     "SampleConfig",
     "apply_override",
     "builtin_configs",
+    "config_diff",
     "dumps",
     "load",
+    "parse_value",
     "resolve_path",
 ]
 
 # Schedules, weightings and parameterizations come from the libraries' registries
 # (vdmpp.train.objective.check_objective): no list of them is kept here.
-PROCESSES = ("vp", "ve")
 PRECISIONS = ("fp32", "bf16")
 TIME_SAMPLERS = ("uniform", "low_discrepancy")
 
@@ -86,6 +90,7 @@ class ObjectiveConfig:
     adaptive_decay: float = 0.999
     time_sampler: str = "low_discrepancy"
     sigma_data: float = 0.5
+    label_dropout: float = 0.0  # P(label → null class) per example: trains CFG's unconditional D
 
 
 @dataclass
@@ -158,7 +163,14 @@ class Config:
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> Config:
-        """Raise :class:`ConfigError` naming the first bad key; return self when all is well."""
+        """Raise :class:`ConfigError` naming the first bad key; return self when all is well.
+
+        The one check of a run (CLI load, :func:`~vdmpp.train.trainer.train` and ``--check``
+        all call it): a config already validated in this exact state returns at once.
+        """
+        text = dumps(self)
+        if self.__dict__.get("_validated") == text:
+            return self
         _check_finite(self, "")  # inf/nan pass `> 0` checks and then train nothing
         _check(self.steps >= 1, "steps", self.steps, "must be >= 1")
         _choice("precision", self.precision, PRECISIONS)
@@ -190,20 +202,18 @@ class Config:
         _choice("objective.process", o.process, PROCESSES)
         _choice("objective.time_sampler", o.time_sampler, TIME_SAMPLERS)
         _check(
-            math.isfinite(o.logsnr_min) and math.isfinite(o.logsnr_max)
+            math.isfinite(o.logsnr_min)
+            and math.isfinite(o.logsnr_max)
             and o.logsnr_min < o.logsnr_max,
             "objective.logsnr_min/logsnr_max",
             [o.logsnr_min, o.logsnr_max],
             "need finite logsnr_min < logsnr_max",
         )
         _check(o.adaptive_bins >= 1, "objective.adaptive_bins", o.adaptive_bins, "must be >= 1")
-        _check(
-            0 < o.adaptive_decay < 1, "objective.adaptive_decay", o.adaptive_decay, "in (0, 1)"
-        )
+        _check(0 < o.adaptive_decay < 1, "objective.adaptive_decay", o.adaptive_decay, "in (0, 1)")
         _check(o.sigma_data > 0, "objective.sigma_data", o.sigma_data, "must be > 0")
-        from .objective import check_objective  # names from the libraries' registries
-
-        check_objective(self)
+        _check(0 <= o.label_dropout < 1, "objective.label_dropout", o.label_dropout, "in [0, 1)")
+        check_objective(self)  # names from the libraries' registries, built once
         p = self.optimizer
         _choice("optimizer.name", p.name, ("adam", "adamw"))
         _check(p.lr > 0 and math.isfinite(p.lr), "optimizer.lr", p.lr, "must be > 0")
@@ -242,6 +252,7 @@ class Config:
         s = self.sample
         _check(s.every >= 0, "sample.every", s.every, "must be >= 0 (0: off)")
         _check(s.count >= 1 and s.steps >= 1, "sample.count/steps", [s.count, s.steps], ">= 1")
+        self.__dict__["_validated"] = text
         return self
 
     def micro_batches(self, world_size: int) -> tuple[int, int]:
@@ -292,94 +303,10 @@ def _choice(key: str, value: Any, options: tuple[Any, ...]) -> None:
         raise ConfigError(f"config: {key} = {value!r} is not one of {', '.join(map(str, options))}")
 
 
-# --- TOML → dataclasses --------------------------------------------------------------------------
-_ALIASES = {("batch", "global"): "global_size"}  # `global` is a Python keyword
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = _ALIASES.get((prefix.rstrip("."), key), key)
-        if name not in names:
-            known = ", ".join(sorted(names))
-            raise ConfigError(f"config: unknown key '{prefix}{key}' (known here: {known})")
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config: {key} must be a table, got {value!r}")
-        return _build(tp, value, key + ".")
-    origin, args = get_origin(tp), get_args(tp)
-    if args and type(None) in args:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        (tp,) = [a for a in args if a is not type(None)]
-        return _coerce(tp, value, key)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config: {key} must be a table, got {value!r}")
-        return dict(value)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config: {key} must be an array, got {value!r}")
-        (inner,) = args
-        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config: {key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"config: {key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"config: {key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config: {key} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def parse_value(text: str) -> Any:
-    """A TOML literal (number, bool, string, array, inline table), else the bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply ``a.b.c=value`` to the raw TOML dict in place."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set expects key=value, got {assignment!r}")
-    key, text = assignment.split("=", 1)
-    parts = [p.strip() for p in key.strip().split(".")]
-    if not all(parts):
-        raise ConfigError(f"--set: bad key {key!r}")
-    node = raw
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set: {key!r} goes through a non-table value")
-    node[parts[-1]] = parse_value(text.strip())
-
-
 def builtin_configs() -> dict[str, Path]:
     """The configs shipped in the wheel, by stem (``digits``, ``cifar10``, ...)."""
     root = resources.files("vdmpp.train") / "configs"
-    return {
-        Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")
-    }
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")}
 
 
 def resolve_path(spec: str | Path) -> Path:
@@ -396,7 +323,8 @@ def resolve_path(spec: str | Path) -> Path:
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
-    return _build(Config, raw, "")
+    """A :class:`Config` from a raw TOML dict (types coerced, unknown keys refused)."""
+    return build(Config, raw, "")
 
 
 def load(spec: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -407,46 +335,11 @@ def load(spec: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (TOML files are UTF-8): {e.reason} at byte "
-                          f"{e.start}") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (TOML files are UTF-8): {e.reason} at byte {e.start}"
+        ) from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     for assignment in overrides:
         apply_override(raw, assignment)
     return from_dict(raw).validate()
-
-
-# --- dataclasses → TOML (the resolved config.toml of a run) --------------------------------------
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
-    if isinstance(v, str):  # a TOML basic string: JSON's escapes are TOML's, plus DEL
-        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def _key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
-
-
-def dumps(cfg: Config) -> str:
-    """The resolved config as TOML (None is written as the string "none", read back as None)."""
-    top, tables = [], []
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            lines = [f"[{f.name}]"]
-            for g in fields(v):
-                x = getattr(v, g.name)
-                name = "global" if (f.name, g.name) == ("batch", "global_size") else g.name
-                lines.append(f"{name} = {_toml_value('none' if x is None else x)}")
-            tables.append("\n".join(lines))
-        else:
-            top.append(f"{f.name} = {_toml_value('none' if v is None else v)}")
-    return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"

@@ -96,14 +96,14 @@ def resolve_device(
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DeviceError(
-                f"{what} {name}: no CUDA device is available here; use {use} (or auto, which "
+                f"{what} {name!r}: no CUDA device is available here; use {use} (or auto, which "
                 "picks CUDA when there is one)"
             )
         n = torch.cuda.device_count()
         idx = int(name.partition(":")[2]) if ":" in name else local_rank
         if idx >= n:
             raise DeviceError(
-                f"{what} {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}"
+                f"{what} {name!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}"
             )
         return torch.device("cuda", idx)
     if name == "mps":

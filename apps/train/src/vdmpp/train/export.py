@@ -12,7 +12,11 @@ A run directory ``RUN/`` holds::
                             "parameterization": ..., "process": "vp" | "ve", "sigma_data": float,
                             "resolution": int, "channels": int, "num_classes": int | null,
                             "data_range": [-1, 1], "logsnr_min": float, "logsnr_max": float,
-                            "schedule": {...}, "step": int}
+                            "schedule": {...}, "label_dropout": float, "step": int}
+
+``label_dropout`` (0 when absent: exports before 0.3) is the probability with which training
+replaced a label by the null class; vdmpp-eval refuses ``--guidance`` when it is 0, since the
+unconditional branch would then be untrained.
 
 :func:`load_exported` rebuilds the model from ``model.json`` with ``vdmpp.models.build`` and
 ``Preconditioned`` and loads the safetensors weights; no pickle is ever read.
@@ -35,7 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import _alive, write_atomic_bytes
+from vdmpp.schedules import NETWORK_HEADS, PROCESSES
+
+from .fileio import fsync_dir, pid_alive, write_atomic
 
 __all__ = [
     "FORMAT",
@@ -43,6 +49,7 @@ __all__ = [
     "ExportError",
     "build_model",
     "clean_stale",
+    "export_meta",
     "export_step",
     "load_exported",
     "read_meta",
@@ -79,22 +86,25 @@ def _to_jsonable(v: Any) -> Any:
     return v
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def export_meta(cfg: Any, schedule: Any, step: int) -> dict[str, Any]:
+    """``model.json`` of a run's export: how to rebuild the network and what it was trained on."""
+    from .objective import model_spec, schedule_meta
 
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    return {
+        "model": model_spec(cfg),
+        "parameterization": cfg.objective.parameterization,
+        "process": cfg.objective.process,
+        "sigma_data": cfg.objective.sigma_data,
+        "resolution": cfg.data.resolution,
+        "channels": cfg.data.channels,
+        "num_classes": cfg.data.num_classes,
+        "data_range": [-1, 1],
+        "logsnr_min": float(torch.as_tensor(schedule.logsnr_min).detach()),
+        "logsnr_max": float(torch.as_tensor(schedule.logsnr_max).detach()),
+        "schedule": schedule_meta(cfg, schedule),
+        "label_dropout": cfg.objective.label_dropout,
+        "step": step,
+    }
 
 
 def clean_stale(directory: str | Path) -> list[Path]:
@@ -120,7 +130,7 @@ def clean_stale(directory: str | Path) -> list[Path]:
             head = rest.split(".", 1)[0]
             pid = int(head) if head.isdigit() else None
             mine = pid == os.getpid()
-            if (kind == "legacy" and mine) or pid is None or (not mine and not _alive(pid)):
+            if (kind == "legacy" and mine) or pid is None or (not mine and not pid_alive(pid)):
                 _remove(p)
                 gone.append(p)
         elif p.name != current:
@@ -129,10 +139,10 @@ def clean_stale(directory: str | Path) -> list[Path]:
     for p in gens[:-1]:  # keep the newest non-current generation (the previous export)
         _remove(p)
         gone.append(p)
-    if d.is_dir():  # temp files of the old in-place layout (write_atomic_bytes)
+    if d.is_dir():  # temp files of the old in-place layout (fileio.write_atomic)
         for p in d.glob(".*.tmp"):
             head = p.name.rsplit(".", 2)[-2]
-            if not head.isdigit() or (int(head) != os.getpid() and not _alive(int(head))):
+            if not head.isdigit() or (int(head) != os.getpid() and not pid_alive(int(head))):
                 _remove(p)
                 gone.append(p)
     return gone
@@ -168,15 +178,15 @@ def write_export(directory: str | Path, state_dict: dict[str, torch.Tensor], met
     gen_digest = hashlib.sha256(blob + meta_bytes).hexdigest()[:16]
     gen = parent / f".{d.name}.{gen_digest}"
     if d.is_dir() and not d.is_symlink() and not _symlinks_ok(parent):
-        write_atomic_bytes(blob, d / WEIGHTS)
-        write_atomic_bytes(meta_bytes, d / META)
+        write_atomic(d / WEIGHTS, blob)
+        write_atomic(d / META, meta_bytes)
         return d
     if not gen.is_dir():
         tmp = parent / f".{d.name}.{os.getpid()}.{time.time_ns()}.tmp"
         tmp.mkdir()
-        _write_file(tmp / WEIGHTS, blob)
-        _write_file(tmp / META, meta_bytes)
-        _fsync_dir(tmp)
+        write_atomic(tmp / WEIGHTS, blob)
+        write_atomic(tmp / META, meta_bytes)
+        fsync_dir(tmp)
         os.replace(tmp, gen)
     link = parent / f".{d.name}.{os.getpid()}.linktmp"
     link.unlink(missing_ok=True)
@@ -185,7 +195,7 @@ def write_export(directory: str | Path, state_dict: dict[str, torch.Tensor], met
         legacy = parent / f".{d.name}.{os.getpid()}.legacy"
         os.replace(d, legacy)
     os.replace(link, d)
-    _fsync_dir(parent)
+    fsync_dir(parent)
     clean_stale(d)
     return d
 
@@ -253,42 +263,73 @@ def _check_fields(meta: dict[str, Any], where: Path) -> None:
     """Types and ranges of ``model.json`` (a bad field is an ExportError, not a traceback)."""
     model = meta["model"]
     checks = [
-        ("model", isinstance(model, dict) and isinstance(model.get("name"), str)
-         and isinstance(model.get("overrides", {}), dict), 'an object {"name": str, "overrides"}'),
-        ("parameterization", meta["parameterization"] in ("eps", "x", "v", "edm"),
-         "one of eps, x, v, edm"),
-        ("process", meta["process"] in ("vp", "ve"), "vp or ve"),
+        (
+            "model",
+            isinstance(model, dict)
+            and isinstance(model.get("name"), str)
+            and isinstance(model.get("overrides", {}), dict),
+            'an object {"name": str, "overrides"}',
+        ),
+        (
+            "parameterization",
+            meta["parameterization"] in NETWORK_HEADS,
+            "one of " + ", ".join(NETWORK_HEADS),
+        ),
+        ("process", meta["process"] in PROCESSES, " or ".join(PROCESSES)),
         ("sigma_data", _number(meta["sigma_data"]) and meta["sigma_data"] > 0, "a number > 0"),
-        ("resolution", _int(meta["resolution"]) and 1 <= meta["resolution"] <= 8192,
-         "an integer in [1, 8192]"),
+        (
+            "resolution",
+            _int(meta["resolution"]) and 1 <= meta["resolution"] <= 8192,
+            "an integer in [1, 8192]",
+        ),
         ("channels", _int(meta["channels"]) and 1 <= meta["channels"] <= 4, "1, 2, 3 or 4"),
-        ("num_classes", meta.get("num_classes") is None
-         or (_int(meta["num_classes"]) and meta["num_classes"] >= 1), "null or an integer >= 1"),
-        ("data_range", isinstance(meta.get("data_range", [-1, 1]), list)
-         and len(meta.get("data_range", [-1, 1])) == 2
-         and all(_number(x) for x in meta.get("data_range", [-1, 1]))
-         and meta.get("data_range", [-1, 1])[0] < meta.get("data_range", [-1, 1])[1],
-         "[lo, hi] with lo < hi"),
-        ("logsnr_min/logsnr_max", all(_number(meta.get(k, 0.0)) for k in
-                                      ("logsnr_min", "logsnr_max")), "finite numbers"),
-        ("step", meta.get("step") is None or (_int(meta["step"]) and meta["step"] >= 0),
-         "an integer >= 0"),
-        ("weights_sha256", meta.get("weights_sha256") is None
-         or (isinstance(meta["weights_sha256"], str) and len(meta["weights_sha256"]) == 64),
-         "a sha256 hex digest"),
-    ]  # fmt: skip
+        (
+            "num_classes",
+            meta.get("num_classes") is None
+            or (_int(meta["num_classes"]) and meta["num_classes"] >= 1),
+            "null or an integer >= 1",
+        ),
+        (
+            "data_range",
+            isinstance(meta.get("data_range", [-1, 1]), list)
+            and len(meta.get("data_range", [-1, 1])) == 2
+            and all(_number(x) for x in meta.get("data_range", [-1, 1]))
+            and meta.get("data_range", [-1, 1])[0] < meta.get("data_range", [-1, 1])[1],
+            "[lo, hi] with lo < hi",
+        ),
+        (
+            "logsnr_min/logsnr_max",
+            all(_number(meta.get(k, 0.0)) for k in ("logsnr_min", "logsnr_max")),
+            "finite numbers",
+        ),
+        (
+            "step",
+            meta.get("step") is None or (_int(meta["step"]) and meta["step"] >= 0),
+            "an integer >= 0",
+        ),
+        (
+            "weights_sha256",
+            meta.get("weights_sha256") is None
+            or (isinstance(meta["weights_sha256"], str) and len(meta["weights_sha256"]) == 64),
+            "a sha256 hex digest",
+        ),
+    ]
     for key, ok, what in checks:
         if not ok:
-            raise ExportError(f"{where}: {key} must be {what}, got "
-                              f"{json.dumps(meta.get(key.split('/')[0]))[:100]}")  # fmt: skip
+            raise ExportError(
+                f"{where}: {key} must be {what}, got "
+                f"{json.dumps(meta.get(key.split('/')[0]))[:100]}"
+            )
 
 
 def _build(meta: dict[str, Any], weights: Path) -> nn.Module:
     try:
         return build_model(meta)
     except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as e:
-        raise ExportError(f"{weights.with_name(META)}: cannot build the model it describes: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise ExportError(
+            f"{weights.with_name(META)}: cannot build the model it describes: "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ) from None
 
 
 def _check_header(weights: Path, meta: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from typing import Any, TextIO
 __all__ = [
     "ConsoleHandler",
     "Progress",
+    "StepBar",
     "attach_file",
     "close",
     "configure",
@@ -80,8 +81,9 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def configure(app: str, *, rank: int = 0, stream: TextIO | None = None,
-              buffer: bool = True) -> logging.Logger:  # fmt: skip
+def configure(
+    app: str, *, rank: int = 0, stream: TextIO | None = None, buffer: bool = True
+) -> logging.Logger:
     """The logger ``vdmpp.<app>`` with a fresh console handler for this process's rank
     (``buffer``: keep rank 0's records for :func:`attach_file`)."""
     logger = logging.getLogger(f"vdmpp.{app}")
@@ -160,14 +162,50 @@ def progress_allowed(requested: bool, stream: TextIO | None = None) -> bool:
         return False
 
 
+class StepBar:
+    """The training loop's tqdm bar (loss as postfix) on a terminal; nothing in a log, where
+    the metrics lines report progress. Log lines are written above the bar."""
+
+    def __init__(
+        self, logger: logging.Logger, enabled: bool, total: int, initial: int, desc: str
+    ) -> None:
+        self.bar = None
+        self.console = console(logger)
+        if progress_allowed(enabled):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+            if self.console is not None:
+                self.console.bar = self.bar
+
+    def update(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+    def close(self) -> None:
+        if self.console is not None:
+            self.console.bar = None
+        if self.bar is not None:
+            self.bar.close()
+
+
 class Progress:
     """A tqdm bar when ``stream`` (stderr) is a terminal, otherwise a plain line at most every
     ``every`` seconds and one at :meth:`close` — never a ``\r``. ``emit`` (e.g. a logger's
     ``info``) takes the plain lines; by default they are printed to ``stream``."""
 
-    def __init__(self, total: int, what: str, *, desc: str, enabled: bool = True,
-                 stream: TextIO | None = None, every: float = 10.0,
-                 emit: Callable[[str], Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        total: int,
+        what: str,
+        *,
+        desc: str,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        every: float = 10.0,
+        emit: Callable[[str], Any] | None = None,
+    ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.total, self.what, self.desc, self.every, self.done = total, what, desc, every, 0
         self.enabled, self.emit = enabled, emit
@@ -176,8 +214,7 @@ class Progress:
         if progress_allowed(enabled, self.stream):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit=what, desc=desc, file=self.stream,
-                            dynamic_ncols=True)  # fmt: skip
+            self.bar = tqdm(total=total, unit=what, desc=desc, file=self.stream, dynamic_ncols=True)
 
     def update(self, n: int, force: bool = False) -> None:
         self.done += n
@@ -191,8 +228,10 @@ class Progress:
             rate = self.done / el
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
             pct = 100.0 * self.done / max(self.total, 1)
-            line = (f"{self.desc}: {self.done}/{self.total} {self.what} ({pct:.0f}%), "
-                    f"{rate:.0f} {self.what}/s, elapsed {el:.0f}s, ETA {eta(left)}")  # fmt: skip
+            line = (
+                f"{self.desc}: {self.done}/{self.total} {self.what} ({pct:.0f}%), "
+                f"{rate:.0f} {self.what}/s, elapsed {el:.0f}s, ETA {eta(left)}"
+            )
             if self.emit is not None:
                 self.emit(line)
             else:
@@ -226,8 +265,14 @@ def git_sha(where: str | Path | None = None) -> str | None:
     """
     where = Path(where) if where is not None else Path(__file__).resolve().parent
     try:
-        r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=where, timeout=2,
-                           capture_output=True, text=True, check=False)  # fmt: skip
+        r = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=where,
+            timeout=2,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     sha = r.stdout.strip()

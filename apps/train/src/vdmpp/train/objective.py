@@ -17,12 +17,15 @@ import difflib
 import inspect
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from .config import Config, ConfigError
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 __all__ = [
     "Objective",
@@ -105,8 +108,11 @@ def _resolve_schedule(name: str) -> tuple[str, type]:
 def _accepted(cls: type) -> tuple[set[str], bool]:
     """(keyword names the constructor takes, whether it takes **kwargs)."""
     params = inspect.signature(cls.__init__).parameters.values()
-    names = {p.name for p in params if p.name != "self"
-             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}  # fmt: skip
+    names = {
+        p.name
+        for p in params
+        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
     return names, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
@@ -141,8 +147,10 @@ def check_objective(cfg: Config) -> None:
     if o.parameterization not in params:
         hint = ""
         if o.parameterization in ("flow", "o"):
-            hint = ("flow matching (VDM++ App. D.3) is objective.schedule = 'flow_ot' with "
-                    "weighting = 'flowot' and parameterization = 'v'; ")  # fmt: skip
+            hint = (
+                "flow matching (VDM++ App. D.3) is objective.schedule = 'flow_ot' with "
+                "weighting = 'flowot' and parameterization = 'v'; "
+            )
         elif o.parameterization == "score":
             hint = "a score head is ε-prediction up to −1/σ: use parameterization = 'eps'; "
         raise ConfigError(
@@ -185,17 +193,43 @@ def check_objective(cfg: Config) -> None:
                 f"{name!r} with these arguments, or drop schedule_args"
             )
     else:
-        _check_args("objective.schedule_args", o.schedule_args, scls, f"schedule {name!r}",
-                    reserved=tuple(_FROM_CONFIG))  # fmt: skip
-    # the λ range must be one where the weighting is finite (VDM++ App. E.3.1 truncation)
-    wlo, whi = weighting.logsnr_range
-    if o.logsnr_min < wlo or o.logsnr_max > whi:
-        raise ConfigError(
-            f"config: objective.logsnr_min/logsnr_max = [{o.logsnr_min:g}, {o.logsnr_max:g}] "
-            f"leaves the range [{wlo:g}, {whi:g}] where {weighting!r} is finite in float32; "
-            f"narrow it to lie inside, or change objective.weighting_args.shift"
+        _check_args(
+            "objective.schedule_args",
+            o.schedule_args,
+            scls,
+            f"schedule {name!r}",
+            reserved=tuple(_FROM_CONFIG),
         )
-    build_schedule(cfg, weighting)  # constructor-level checks (degenerate truncation, ...)
+    if o.label_dropout > 0 and cfg.data.num_classes is None:
+        raise ConfigError(
+            f"config: objective.label_dropout = {o.label_dropout!r} needs class labels; the data "
+            "is unconditional (data.num_classes = none): set label_dropout = 0"
+        )
+    schedule = build_schedule(cfg, weighting)  # constructor-level checks (degenerate ends, ...)
+    build_loss(cfg, schedule, weighting)  # the λ range where the weighting is finite, ...
+
+
+def build_loss(cfg: Config, schedule: nn.Module, weighting: Any) -> Any:
+    """``vdmpp.losses.WeightedLoss`` from already-resolved parts; its checks (the λ range where
+    the weighting is finite, VDM++ App. E.3.1) are reported with the config keys."""
+    from vdmpp.losses import WeightedLoss
+
+    o = cfg.objective
+    inner = schedule.inner if isinstance(schedule, FixedSchedule) else schedule
+    try:
+        return WeightedLoss(
+            inner,
+            weighting,
+            o.parameterization,
+            o.process,
+            sigma_data=o.sigma_data,
+            time_sampler=o.time_sampler,
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"config: [objective] (logsnr_min/logsnr_max = [{o.logsnr_min:g}, "
+            f"{o.logsnr_max:g}], weighting {o.weighting!r}): {e}"
+        ) from None
 
 
 def build_weighting(cfg: Config) -> Any:
@@ -287,6 +321,10 @@ def build_net(cfg: Config) -> nn.Module:
 class Objective(nn.Module):
     """VDM++ eq. 7 via ``vdmpp.losses.WeightedLoss``: ½·w(λ)/p(λ)·‖ε − ε̂‖² per example.
 
+    With ``objective.label_dropout = p`` each label becomes the null class (index
+    ``num_classes``, what ``class_labels=None`` selects) with probability p, drawn first from
+    the step's ``generator``, so the null embedding is trained for classifier-free guidance.
+
     Returns (per-example weighted loss, λ, unweighted ‖ε − ε̂‖²); the last two feed the adaptive
     schedule's bin statistics. Randomness comes only from ``generator`` (deterministic runs).
     Holds the schedule as a sub-module (fixed schedules wrapped in :class:`FixedSchedule`) so its
@@ -296,28 +334,19 @@ class Objective(nn.Module):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        from vdmpp.losses import WeightedLoss
-
-        check_objective(cfg)
-        o = cfg.objective
+        # cfg was validated (Config.validate → check_objective): only construction happens here
         weighting = build_weighting(cfg)
         self.schedule = build_schedule(cfg, weighting)
-        inner = self.schedule.inner if isinstance(self.schedule, FixedSchedule) else self.schedule
-        try:
-            self.loss = WeightedLoss(
-                inner,
-                weighting,
-                o.parameterization,
-                o.process,
-                sigma_data=o.sigma_data,
-                time_sampler=o.time_sampler,
-            )
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"config: [objective]: {e}") from None
+        self.loss = build_loss(cfg, self.schedule, weighting)
+        self.label_dropout = float(cfg.objective.label_dropout)
+        self.num_classes = cfg.data.num_classes
 
     def forward(
         self, model: nn.Module, x: Tensor, labels: Tensor | None, generator: torch.Generator
     ) -> tuple[Tensor, Tensor, Tensor]:
+        if labels is not None and self.label_dropout > 0:  # CFG training (Ho & Salimans 2022)
+            drop = torch.rand(labels.shape, generator=generator, device=labels.device)
+            labels = torch.where(drop < self.label_dropout, self.num_classes, labels)
         out = self.loss(model, x, labels, generator=generator)
         return out.loss, out.logsnr.detach(), out.unweighted.detach()
 
@@ -333,9 +362,7 @@ def schedule_meta(cfg: Config, schedule: Any) -> dict[str, Any]:
     }
     if o.adaptive:
         meta.update(bins=o.adaptive_bins, decay=o.adaptive_decay)
-        meta["density"] = [
-            float(v) for v in (schedule.cdf[1:] - schedule.cdf[:-1]).tolist()
-        ]
+        meta["density"] = [float(v) for v in (schedule.cdf[1:] - schedule.cdf[:-1]).tolist()]
     else:
         meta["args"] = dict(o.schedule_args)
     lo, hi = schedule.logsnr_min, schedule.logsnr_max  # Learned: parameters

@@ -82,7 +82,12 @@ def require_done(path: str | Path, *, allow_partial: bool = False) -> dict[str, 
     step = rec.get("step") if rec else None
     steps = rec.get("steps") if rec else None
     at = f" at step {step}/{steps}" if step is not None and steps is not None else ""
-    hint = ("resume it with `vdmpp-train CONFIG --resume`" if status in
-            ("preempted", "running") else "see its log.txt")  # fmt: skip
-    raise StatusError(f"{run}: the training run is {status}{at}, not done; {hint}, or pass "
-                      f"--allow-partial to use it anyway")
+    hint = (
+        "resume it with `vdmpp-train CONFIG --resume`"
+        if status in ("preempted", "running")
+        else "see its log.txt"
+    )
+    raise StatusError(
+        f"{run}: the training run is {status}{at}, not done; {hint}, or pass "
+        f"--allow-partial to use it anyway"
+    )

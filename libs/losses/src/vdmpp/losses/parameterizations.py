@@ -33,7 +33,7 @@ import math
 import torch
 from torch import Tensor
 
-from vdmpp.schedules import ve, vp
+from vdmpp.schedules import PARAMETERIZATIONS, PROCESSES, ve, vp
 
 __all__ = [
     "NAMES",
@@ -49,8 +49,7 @@ __all__ = [
     "to_x",
 ]
 
-NAMES = ("eps", "x", "v", "score", "edm", "flow")
-PROCESSES = ("vp", "ve")
+NAMES = PARAMETERIZATIONS  # vdmpp.schedules: the one list every package reads
 
 
 def check_name(name: str) -> str:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vdmpp.schedules import edm_coefficients_logsnr, ve, vp
+from vdmpp.schedules import NETWORK_HEADS, PROCESSES, edm_coefficients_logsnr, ve, vp
 
 __all__ = [
     "PARAMETERIZATIONS",
@@ -50,8 +50,7 @@ __all__ = [
     "edm_coefficients_logsnr",
 ]
 
-PARAMETERIZATIONS = ("edm", "eps", "v", "x")
-PROCESSES = ("vp", "ve")
+PARAMETERIZATIONS = NETWORK_HEADS  # vdmpp.schedules: the one list every package reads
 
 
 def _upcast(x: Tensor) -> Tensor:

@@ -7,6 +7,9 @@ from .base import NoiseSchedule, TruncatedSchedule, check_logsnr_range, check_un
 from .fixed import Cosine, EDMSampling, EDMTraining, FlowOT, LinearLogSNR, LinearVP
 from .learned import Learned
 from .process import (
+    NETWORK_HEADS,
+    PARAMETERIZATIONS,
+    PROCESSES,
     edm_coefficients_logsnr,
     logsnr_from_alpha_sigma,
     logsnr_from_sigma,
@@ -23,6 +26,9 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "NETWORK_HEADS",
+    "PARAMETERIZATIONS",
+    "PROCESSES",
     "Adaptive",
     "Cosine",
     "EDMSampling",

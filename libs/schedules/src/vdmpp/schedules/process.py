@@ -20,6 +20,9 @@ from torch import Tensor
 from torch.nn import functional as F
 
 __all__ = [
+    "NETWORK_HEADS",
+    "PARAMETERIZATIONS",
+    "PROCESSES",
     "edm_coefficients_logsnr",
     "logsnr_from_alpha_sigma",
     "logsnr_from_sigma",
@@ -28,6 +31,15 @@ __all__ = [
     "vp",
     "vp_transition",
 ]
+
+# The one list of each family of names that every vdmpp package reads (DESIGN.md "One coordinate").
+PROCESSES = ("vp", "ve")
+"""Forward processes: variance preserving (VDM++ eq. 1–2) and variance exploding (EDM eq. 1)."""
+PARAMETERIZATIONS = ("eps", "x", "v", "score", "edm", "flow")
+"""What a network output can stand for (VDM++ App. E.2, D.2, D.3; EDM's F is ``edm``)."""
+NETWORK_HEADS = ("edm", "eps", "v", "x")
+"""The parameterizations a network is trained as (a ``score`` head is ``eps`` up to −1/σ, a
+``flow`` head is ``v`` up to a λ-dependent scale)."""
 
 
 def _upcast(x: Tensor) -> Tensor:
