@@ -28,8 +28,16 @@ SMALL = [
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    src = [str(ROOT / p) for p in ("libs/schedules/src", "libs/losses/src", "libs/models/src",
-                                   "libs/samplers/src", "apps/train/src")]  # fmt: skip
+    src = [
+        str(ROOT / p)
+        for p in (
+            "libs/schedules/src",
+            "libs/losses/src",
+            "libs/models/src",
+            "libs/samplers/src",
+            "apps/train/src",
+        )
+    ]
     env["PYTHONPATH"] = os.pathsep.join([*src, env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
@@ -48,9 +56,13 @@ def cli_env() -> dict[str, str]:
 
 def run_cli(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "vdmpp.train", *args], env=env, capture_output=True, text=True,
-        timeout=kw.pop("timeout", 300), **kw,
-    )  # fmt: skip
+        [sys.executable, "-m", "vdmpp.train", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=kw.pop("timeout", 300),
+        **kw,
+    )
 
 
 @pytest.fixture

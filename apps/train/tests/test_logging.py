@@ -19,9 +19,22 @@ from vdmpp.train import log as runlog
 from vdmpp.train.export import load_exported
 from vdmpp.train.trainer import Trainer, train
 
-METRIC_KEYS = {"step", "wall_time", "elapsed_s", "images_per_s", "loss", "grad_norm", "lr",
-               "nonfinite_steps", "corrupt_samples", "lambda_mean", "lambda_std", "lambda_q05",
-               "lambda_q50", "lambda_q95"}  # fmt: skip
+METRIC_KEYS = {
+    "step",
+    "wall_time",
+    "elapsed_s",
+    "images_per_s",
+    "loss",
+    "grad_norm",
+    "lr",
+    "nonfinite_steps",
+    "corrupt_samples",
+    "lambda_mean",
+    "lambda_std",
+    "lambda_q05",
+    "lambda_q50",
+    "lambda_q95",
+}
 
 
 def _sets(small: list[str], *extra: str) -> list[str]:
@@ -46,9 +59,18 @@ def test_non_tty_run_has_no_carriage_returns_and_log_starts_with_summary(cli, sm
     rows = log.splitlines()
     assert "start-up summary" in rows[0], rows[:3]
     summary = "\n".join(rows[:11])
-    for needle in ("config ", "sha256 ", "parameters", "device      cpu", "precision fp32",
-                   "world       1 rank(s) x 1 accumulation step(s) x per-device batch 8",
-                   "versions    torch ", "vdmpp-train ", "git ", "config.toml"):  # fmt: skip
+    for needle in (
+        "config ",
+        "sha256 ",
+        "parameters",
+        "device      cpu",
+        "precision fp32",
+        "world       1 rank(s) x 1 accumulation step(s) x per-device batch 8",
+        "versions    torch ",
+        "vdmpp-train ",
+        "git ",
+        "config.toml",
+    ):
         assert needle in summary, (needle, summary)
     # the parameter count is the model's (counted here from the export, independently)
     ema, _meta = load_exported(run / "export")
@@ -86,8 +108,15 @@ def test_metrics_rows_carry_the_cluster_fields(cli, small, tmp_path):
 @pytest.mark.parametrize("schedule", ["cosine", "edm_training"])
 def test_lambda_spread_is_the_schedules_density_moments(small, tmp_path, schedule):
     """The spread in metrics.jsonl (quadrature over t) against p(λ) integrated over λ."""
-    cfg = C.load("digits", [*small, "objective.adaptive=false", f"objective.schedule='{schedule}'",
-                            f"out='{tmp_path / 'run'}'"])  # fmt: skip
+    cfg = C.load(
+        "digits",
+        [
+            *small,
+            "objective.adaptive=false",
+            f"objective.schedule='{schedule}'",
+            f"out='{tmp_path / 'run'}'",
+        ],
+    )
     trainer = Trainer(cfg)
     try:
         got = trainer.lambda_spread()
@@ -161,13 +190,19 @@ def test_log_txt_appends_a_new_summary_on_resume(cli, small, tmp_path):
     rows = (run / "log.txt").read_text().splitlines()
     starts = [i for i, x in enumerate(rows) if "start-up summary" in x]
     assert len(starts) == 2 and starts[0] == 0
-    after = rows[starts[1]:]
+    after = rows[starts[1] :]
     assert "  run         resumed from" in after[2], after[:3]
     # logged before the file opened, written right after the summary (11 lines)
     assert next(i for i, x in enumerate(after) if "INFO resumed from" in x) == 11, after[:13]
     last = json.loads(rows[-1].split("result: ", 1)[1])
-    assert last == {"status": "done", "step": 3, "out": str(run), "nonfinite": 0, "steps": 3,
-                    "exit_code": 0}
+    assert last == {
+        "status": "done",
+        "step": 3,
+        "out": str(run),
+        "nonfinite": 0,
+        "steps": 3,
+        "exit_code": 0,
+    }
 
 
 def _tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
@@ -181,8 +216,9 @@ def _tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
 def test_tensorboard_scalars_match_metrics_jsonl(small, tmp_path):
     pytest.importorskip("tensorboard", reason="pip install 'vdmpp-train[tensorboard]' (CI has it)")
     run = tmp_path / "run"
-    cfg = C.load("digits", [*small, "steps=4", "log.every=2", "log.tensorboard=true",
-                            f"out='{run}'"])  # fmt: skip
+    cfg = C.load(
+        "digits", [*small, "steps=4", "log.every=2", "log.tensorboard=true", f"out='{run}'"]
+    )
     assert train(cfg)["status"] == "done"
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     scalars = _tensorboard_scalars(run / "tensorboard")

@@ -21,14 +21,25 @@ from vdmpp.train.checkpoint import find_latest
 from vdmpp.train.trainer import dist_env
 
 ROOT = Path(__file__).resolve().parents[3]
-_CLEAN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-          "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_ID")  # fmt: skip
+_CLEAN = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_LOCALID",
+    "SLURM_STEP_ID",
+)
 
 
 def _sets(small: list[str], out, *extra: str) -> list[str]:
     base = [s for s in small if not s.startswith("log.progress")]  # default: true
-    return [a for s in [*base, "steps=2", "log.every=1", f"out={out}", *extra]
-            for a in ("--set", s)]  # fmt: skip
+    return [
+        a for s in [*base, "steps=2", "log.every=1", f"out={out}", *extra] for a in ("--set", s)
+    ]
 
 
 def _check_two_rank_run(out: str, err: str, run) -> None:
@@ -60,10 +71,23 @@ def test_torchrun_two_gloo_ranks_print_one_result_line(cli_env, small, tmp_path)
     run = tmp_path / "run"
     env = {k: v for k, v in cli_env.items() if k not in _CLEAN}
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "vdmpp.train", "digits", *_sets(small, run)],
-        env=env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "vdmpp.train",
+            "digits",
+            *_sets(small, run),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     _check_two_rank_run(r.stdout, r.stderr, run)
 
@@ -76,12 +100,25 @@ def test_srun_style_environment_two_ranks(cli_env, small, tmp_path):
     procs = []
     for rank in (0, 1):
         env = {k: v for k, v in cli_env.items() if k not in _CLEAN}
-        env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
-                   SLURM_STEP_NUM_TASKS="2", SLURM_STEP_ID="0", SLURM_JOB_ID="4242",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "vdmpp.train", "digits", *_sets(small, run)], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+        env.update(
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_STEP_NUM_TASKS="2",
+            SLURM_STEP_ID="0",
+            SLURM_JOB_ID="4242",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "vdmpp.train", "digits", *_sets(small, run)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = []
     try:
         for p in procs:
@@ -103,20 +140,34 @@ def test_the_slurm_script_runs_two_ranks_with_stand_ins(cli_env, small, tmp_path
         pytest.skip("needs bash")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n'
-                                  'exec "$@"\n')  # fmt: skip
+    (bin_dir / "srun").write_text(
+        '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n'
+    )
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     run = tmp_path / "run"
     env = {k: v for k, v in cli_env.items() if k not in _CLEAN}
-    env.update(PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent),
-                                     env.get("PATH", "")]),
-               SLURM_JOB_NODELIST="node[1]", SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2",
-               SLURM_JOB_ID="4242", MASTER_PORT=str(_free_port()))  # fmt: skip
-    r = subprocess.run(["bash", str(ROOT / "apps" / "train" / "slurm" / "train.sbatch"),
-                        "digits", *_sets(small, run)],
-                       env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    env.update(
+        PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env.get("PATH", "")]),
+        SLURM_JOB_NODELIST="node[1]",
+        SLURM_NNODES="1",
+        SLURM_GPUS_ON_NODE="2",
+        SLURM_JOB_ID="4242",
+        MASTER_PORT=str(_free_port()),
+    )
+    r = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "apps" / "train" / "slurm" / "train.sbatch"),
+            "digits",
+            *_sets(small, run),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     _check_two_rank_run(r.stdout, r.stderr, run)
     assert "--resume: no loadable checkpoint" in (run / "log.txt").read_text()
@@ -138,11 +189,28 @@ def test_srun_environment_without_master_addr_is_a_one_line_error(cli_env, small
     [
         ({}, (0, 1, 0)),
         ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, (1, 4, 1)),  # torchrun
-        ({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8",
-          "SLURM_NTASKS": "16", "SLURM_STEP_ID": "0"}, (5, 8, 1)),  # srun task
+        (
+            {
+                "SLURM_PROCID": "5",
+                "SLURM_LOCALID": "1",
+                "SLURM_STEP_NUM_TASKS": "8",
+                "SLURM_NTASKS": "16",
+                "SLURM_STEP_ID": "0",
+            },
+            (5, 8, 1),
+        ),  # srun task
         ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, (0, 1, 0)),  # the batch script: not a rank
-        ({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_ID": "0",
-          "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, (0, 2, 0)),  # torchrun in srun
+        (
+            {
+                "SLURM_PROCID": "3",
+                "SLURM_STEP_NUM_TASKS": "4",
+                "SLURM_STEP_ID": "0",
+                "RANK": "0",
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": "0",
+            },
+            (0, 2, 0),
+        ),  # torchrun in srun
     ],
 )
 def test_dist_env(monkeypatch, env, expected):

@@ -46,8 +46,10 @@ def read_shards(out: Path) -> list[tuple[str, np.ndarray, int | None]]:
 
 
 def _as_set(images, labels) -> list[tuple[bytes, int | None]]:
-    return sorted((np.ascontiguousarray(a).tobytes(), None if y is None else int(y))
-                  for a, y in zip(images, labels))  # fmt: skip
+    return sorted(
+        (np.ascontiguousarray(a).tobytes(), None if y is None else int(y))
+        for a, y in zip(images, labels)
+    )
 
 
 def _save(path: Path, arr: np.ndarray) -> None:
@@ -77,8 +79,20 @@ def test_shards_class_folders_labels_and_skipped_inputs(tmp_path, capsys) -> Non
     Image.fromarray(grey).save(tmp_path / "src" / "zebra" / "g.png")
     made["zebra"].append(np.repeat(grey[..., None], 3, axis=2))
 
-    rc = main(["shards", str(tmp_path / "src"), str(tmp_path / "out"), "--resolution", "8",
-               "--shard-size", "4", "--workers", "1", "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "shards",
+            str(tmp_path / "src"),
+            str(tmp_path / "out"),
+            "--resolution",
+            "8",
+            "--shard-size",
+            "4",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     out = tmp_path / "out"
@@ -89,8 +103,7 @@ def test_shards_class_folders_labels_and_skipped_inputs(tmp_path, capsys) -> Non
     assert meta["class_counts"] == [3, 2, 5] and meta["count"] == 10
     # 13 inputs in parts of 4 (4, 4, 4, 1); the 3 skipped ones are missing from their parts
     assert sum(e["count"] for e in meta["files"]) == 10 and len(meta["files"]) in (3, 4)
-    assert (meta["resolution"], meta["channels"], meta["source"]["kind"]) == (8, 3,
-                                                                              "class-folders")
+    assert (meta["resolution"], meta["channels"], meta["source"]["kind"]) == (8, 3, "class-folders")
     # the 3 bad inputs: counted, named (first few) on stderr, all listed in skipped.txt
     assert meta["skipped"]["count"] == 3
     warn = cap.err.strip()
@@ -149,8 +162,11 @@ class _Py2Pickler(pickle._Pickler):
 
     def save_bytes(self, obj: bytes) -> None:
         n = len(obj)
-        head = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + n.to_bytes(
-            4, "little")
+        head = (
+            pickle.SHORT_BINSTRING + bytes([n])
+            if n < 256
+            else pickle.BINSTRING + n.to_bytes(4, "little")
+        )
         self.write(head + obj)
         self.memoize(obj)
 
@@ -190,17 +206,26 @@ def _nhwc_from_rows(rows: np.ndarray) -> np.ndarray:
 def test_shards_cifar10_tarball(tmp_path) -> None:
     rng = np.random.default_rng(2)
     names = [f"class{i}".encode() for i in range(10)]
-    batches = {f"data_batch_{i}": (_cifar_rows(rng, 3), [int(x) for x in rng.integers(0, 10, 3)])
-               for i in range(1, 6)}  # fmt: skip
+    batches = {
+        f"data_batch_{i}": (_cifar_rows(rng, 3), [int(x) for x in rng.integers(0, 10, 3)])
+        for i in range(1, 6)
+    }
     test = (_cifar_rows(rng, 4), [9, 0, 3, 3])
-    members = {f"cifar-10-batches-py/{k}": {b"batch_label": k.encode(), b"labels": lab,
-                                             b"data": d, b"filenames": [b"x.png"] * len(lab)}
-               for k, (d, lab) in {**batches, "test_batch": test}.items()}  # fmt: skip
+    members = {
+        f"cifar-10-batches-py/{k}": {
+            b"batch_label": k.encode(),
+            b"labels": lab,
+            b"data": d,
+            b"filenames": [b"x.png"] * len(lab),
+        }
+        for k, (d, lab) in {**batches, "test_batch": test}.items()
+    }
     members["cifar-10-batches-py/batches.meta"] = {b"label_names": names, b"num_vis": 3072}
     tgz = tmp_path / "cifar-10-python.tar.gz"
     _cifar_tar(tgz, members, protocol="py2")  # as the real files: Python 2 pickles
-    assert b"cnumpy.core.multiarray\n_reconstruct" in _py2_dumps(members[
-        "cifar-10-batches-py/test_batch"])  # fmt: skip
+    assert b"cnumpy.core.multiarray\n_reconstruct" in _py2_dumps(
+        members["cifar-10-batches-py/test_batch"]
+    )
 
     meta = S.write_shards(tgz, tmp_path / "train", resolution=32, maxcount=4, workers=1)
     assert (meta["count"], meta["shards"], meta["num_classes"]) == (15, 4, 10)
@@ -214,11 +239,13 @@ def test_shards_cifar10_tarball(tmp_path) -> None:
     got = read_shards(tmp_path / "test")
     assert meta["count"] == 4 and meta["source"]["split"] == "test"
     assert _as_set([a for _, a, _ in got], [y for *_, y in got]) == _as_set(
-        _nhwc_from_rows(test[0]), test[1])
+        _nhwc_from_rows(test[0]), test[1]
+    )
     # and resized: 32 → 8 (centre crop is the whole square; Lanczos)
     meta = S.write_shards(tgz, tmp_path / "t8", resolution=8, split="test")
-    assert meta["resolution"] == 8 and all(a.shape == (8, 8, 3)
-                                           for _, a, _ in read_shards(tmp_path / "t8"))
+    assert meta["resolution"] == 8 and all(
+        a.shape == (8, 8, 3) for _, a, _ in read_shards(tmp_path / "t8")
+    )
 
 
 def test_shards_cifar100_tarball_fine_labels(tmp_path) -> None:
@@ -226,22 +253,34 @@ def test_shards_cifar100_tarball_fine_labels(tmp_path) -> None:
     train = _cifar_rows(rng, 6)
     fine = [99, 0, 57, 57, 12, 3]
     members = {
-        "cifar-100-python/train": {b"data": train, b"fine_labels": fine,
-                                   b"coarse_labels": [y // 5 for y in fine]},
-        "cifar-100-python/test": {b"data": _cifar_rows(rng, 2), b"fine_labels": [1, 2],
-                                  b"coarse_labels": [0, 0]},
-        "cifar-100-python/meta": {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-                                  b"coarse_label_names": [f"c{i}".encode() for i in range(20)]},
-    }  # fmt: skip
+        "cifar-100-python/train": {
+            b"data": train,
+            b"fine_labels": fine,
+            b"coarse_labels": [y // 5 for y in fine],
+        },
+        "cifar-100-python/test": {
+            b"data": _cifar_rows(rng, 2),
+            b"fine_labels": [1, 2],
+            b"coarse_labels": [0, 0],
+        },
+        "cifar-100-python/meta": {
+            b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"c{i}".encode() for i in range(20)],
+        },
+    }
     tgz = tmp_path / "cifar-100-python.tar.gz"
     _cifar_tar(tgz, members, protocol=pickle.HIGHEST_PROTOCOL)
     meta = S.write_shards(tgz, tmp_path / "o", workers=1)  # resolution: the source's (32)
-    assert (meta["num_classes"], meta["resolution"], meta["source"]["kind"]) == (100, 32,
-                                                                                 "cifar100")
+    assert (meta["num_classes"], meta["resolution"], meta["source"]["kind"]) == (
+        100,
+        32,
+        "cifar100",
+    )
     assert meta["classes"][57] == "f57"
     got = read_shards(tmp_path / "o")
     assert _as_set([a for _, a, _ in got], [y for *_, y in got]) == _as_set(
-        _nhwc_from_rows(train), fine)
+        _nhwc_from_rows(train), fine
+    )
 
 
 class _Evil:
@@ -256,8 +295,10 @@ class _Evil:
 def test_shards_hostile_pickle_is_refused_without_running(tmp_path, capsys, where) -> None:
     marker = tmp_path / "pwned"
     rng = np.random.default_rng(4)
-    members = {f"cifar-10-batches-py/{k}": {b"data": _cifar_rows(rng, 2), b"labels": [0, 1]}
-               for k in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]}  # fmt: skip
+    members = {
+        f"cifar-10-batches-py/{k}": {b"data": _cifar_rows(rng, 2), b"labels": [0, 1]}
+        for k in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
+    }
     members["cifar-10-batches-py/batches.meta"] = {b"label_names": [b"a", b"b"]}
     members[f"cifar-10-batches-py/{where}"][b"x"] = _Evil(marker)
     tgz = tmp_path / "cifar-10-python.tar.gz"
@@ -290,7 +331,8 @@ def test_shards_npz_nhwc_and_nchw_give_identical_shards(tmp_path) -> None:
     m = S.write_shards(tmp_path / "g.npz", tmp_path / "g")
     assert (m["channels"], m["classes"]) == (1, None)
     assert _as_set([g for _, g, _ in read_shards(tmp_path / "g")], [None] * 3) == _as_set(
-        grey[..., None], [None] * 3)
+        grey[..., None], [None] * 3
+    )
 
 
 # --- parallel, deterministic, atomic ----------------------------------------------------------
@@ -298,23 +340,30 @@ def test_shards_workers_1_and_2_write_identical_bytes(tmp_path) -> None:
     rng = np.random.default_rng(6)
     _class_tree(tmp_path / "src", rng)
     for i in range(6):
-        _save(tmp_path / "src" / "dog" / f"x{i}.jpg", rng.integers(0, 256, (12, 10, 3),
-                                                                   dtype=np.uint8))
+        _save(
+            tmp_path / "src" / "dog" / f"x{i}.jpg",
+            rng.integers(0, 256, (12, 10, 3), dtype=np.uint8),
+        )
     (tmp_path / "src" / "cat" / "bad.png").write_bytes(b"nope")
     one = S.write_shards(tmp_path / "src", tmp_path / "w1", resolution=8, maxcount=3, workers=1)
     two = S.write_shards(tmp_path / "src", tmp_path / "w2", resolution=8, maxcount=3, workers=2)
     assert one["files"] == two["files"] and one["shards"] >= 5
     assert one["skipped"]["count"] == two["skipped"]["count"] == 1
     for e in one["files"]:
-        assert (tmp_path / "w1" / e["name"]).read_bytes() == (tmp_path / "w2" / e["name"]
-                                                              ).read_bytes()
+        assert (tmp_path / "w1" / e["name"]).read_bytes() == (
+            tmp_path / "w2" / e["name"]
+        ).read_bytes()
 
 
-def test_shards_interrupted_write_leaves_no_manifest_and_training_refuses(tmp_path, capsys,
-                                                                          monkeypatch) -> None:
+def test_shards_interrupted_write_leaves_no_manifest_and_training_refuses(
+    tmp_path, capsys, monkeypatch
+) -> None:
     rng = np.random.default_rng(7)
-    np.savez(tmp_path / "x.npz", images=rng.integers(0, 256, (9, 8, 8, 1), dtype=np.uint8),
-             labels=np.arange(9) % 3)  # fmt: skip
+    np.savez(
+        tmp_path / "x.npz",
+        images=rng.integers(0, 256, (9, 8, 8, 1), dtype=np.uint8),
+        labels=np.arange(9) % 3,
+    )
     out = tmp_path / "out"
     S.write_shards(tmp_path / "x.npz", out, maxcount=3)  # a good earlier write
     real, calls = S._write_part, []
@@ -330,15 +379,29 @@ def test_shards_interrupted_write_leaves_no_manifest_and_training_refuses(tmp_pa
         S.write_shards(tmp_path / "x.npz", out, maxcount=3)
     assert not (out / "dataset.json").exists() and (out / ".incomplete").exists()
     calls.clear()  # the same through the CLI (Ctrl-C): one line, exit 130
-    assert main(["shards", str(tmp_path / "x.npz"), str(out), "--shard-size", "3",
-                 "--workers", "1", "--no-progress"]) == 130  # fmt: skip
+    assert (
+        main(
+            [
+                "shards",
+                str(tmp_path / "x.npz"),
+                str(out),
+                "--shard-size",
+                "3",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 130
+    )
     assert "has no manifest" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"interrupted.*vdmpp-train shards SRC"):
         probe(expand_source(str(out)), 8, 1, 3)
     monkeypatch.setattr(S, "_write_part", real)
     meta = S.write_shards(tmp_path / "x.npz", out, maxcount=3)  # the rerun completes and cleans
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [e["name"] for e in meta["files"]] + ["dataset.json", "labels.json"])
+        [e["name"] for e in meta["files"]] + ["dataset.json", "labels.json"]
+    )
     probe(expand_source(str(out)), 8, 1, 3)
 
 
@@ -362,11 +425,32 @@ def test_shards_training_validates_the_manifest(small, tmp_path, capsys) -> None
     rng = np.random.default_rng(8)
     _class_tree(tmp_path / "src", rng)
     data = tmp_path / "shards"
-    assert main(["shards", str(tmp_path / "src"), str(data), "--resolution", "8",
-                 "--shard-size", "3", "--workers", "1", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "shards",
+                str(tmp_path / "src"),
+                str(data),
+                "--resolution",
+                "8",
+                "--shard-size",
+                "3",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    cfg = [*small, f"data.source={data}", "data.channels=3", "data.num_classes=3",
-           "data.shuffle_buffer=4", "steps=3"]
+    cfg = [
+        *small,
+        f"data.source={data}",
+        "data.channels=3",
+        "data.num_classes=3",
+        "data.shuffle_buffer=4",
+        "steps=3",
+    ]
 
     assert main(["digits", *_sets(*cfg, f"out={tmp_path / 'run'}")]) == 0, capsys.readouterr()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
@@ -437,19 +521,47 @@ def test_shards_training_on_cifar_and_npz_shards(small, tmp_path, capsys) -> Non
     """CIFAR-10-style tarball and .npz → shards at 8×8 → 2 training steps each; the manifest's
     classes/channels are checked against the config before the first step."""
     rng = np.random.default_rng(9)
-    members = {f"cifar-10-batches-py/{k}": {b"data": _cifar_rows(rng, 4),
-                                             b"labels": [int(v) for v in rng.integers(0, 10, 4)]}
-               for k in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]}  # fmt: skip
+    members = {
+        f"cifar-10-batches-py/{k}": {
+            b"data": _cifar_rows(rng, 4),
+            b"labels": [int(v) for v in rng.integers(0, 10, 4)],
+        }
+        for k in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
+    }
     members["cifar-10-batches-py/batches.meta"] = {b"label_names": [b"n"] * 10}
     _cifar_tar(tmp_path / "c.tar.gz", members, protocol="py2")
-    np.savez(tmp_path / "g.npz", x=rng.integers(0, 256, (12, 1, 10, 10), dtype=np.uint8),
-             y=np.arange(12) % 10)  # fmt: skip
+    np.savez(
+        tmp_path / "g.npz",
+        x=rng.integers(0, 256, (12, 1, 10, 10), dtype=np.uint8),
+        y=np.arange(12) % 10,
+    )
     for src, ch in (("c.tar.gz", 3), ("g.npz", 1)):
         data = tmp_path / f"shards-{src}"
-        assert main(["shards", str(tmp_path / src), str(data), "--resolution", "8",
-                     "--shard-size", "8", "--workers", "1", "--no-progress"]) == 0  # fmt: skip
-        cfg = [*small, f"data.source={data}", f"data.channels={ch}", "data.num_classes=10",
-               "data.shuffle_buffer=4", "steps=2"]
+        assert (
+            main(
+                [
+                    "shards",
+                    str(tmp_path / src),
+                    str(data),
+                    "--resolution",
+                    "8",
+                    "--shard-size",
+                    "8",
+                    "--workers",
+                    "1",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        cfg = [
+            *small,
+            f"data.source={data}",
+            f"data.channels={ch}",
+            "data.num_classes=10",
+            "data.shuffle_buffer=4",
+            "steps=2",
+        ]
         assert main(["digits", *_sets(*cfg, f"out={tmp_path / f'run-{src}'}")]) == 0
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
         rc = main(["digits", *_sets(*cfg, f"data.channels={4 - ch}", f"out={tmp_path / 'x'}")])

@@ -35,9 +35,18 @@ def _one_line(err: str) -> str:
 def test_check_prints_the_summary_and_writes_nothing(tmp_path, monkeypatch, capsys) -> None:
     rc, out, err = _check(["--set", "batch.per_device=8"], tmp_path, monkeypatch, capsys)
     assert rc == 0, err
-    for key in ("parameters", "per-device 8", "accumulation 4", "world size 1", "λ range",
-                "[-15, 15]", "Sigmoid(bias=0.0)", "v head", "adaptive (100 bins",
-                "digits (built in)"):
+    for key in (
+        "parameters",
+        "per-device 8",
+        "accumulation 4",
+        "world size 1",
+        "λ range",
+        "[-15, 15]",
+        "Sigmoid(bias=0.0)",
+        "v head",
+        "adaptive (100 bins",
+        "digits (built in)",
+    ):
         assert key in out, (key, out)
     assert len(out.strip().splitlines()) <= 24  # one screen
     # the parameter count is the model's
@@ -63,13 +72,17 @@ def test_check_world_size_changes_the_split(tmp_path, monkeypatch, capsys) -> No
     [
         (["objective.weighting=sigmod"], ["objective.weighting", "'sigmoid'"]),
         (["objective.weighting_args={bais=1.0}"], ["weighting_args.bais", "'bias'"]),
-        (["objective.adaptive=false", "objective.schedule_args={shfit=1.0}"],
-         ["schedule_args.shfit", "'shift'"]),
+        (
+            ["objective.adaptive=false", "objective.schedule_args={shfit=1.0}"],
+            ["schedule_args.shfit", "'shift'"],
+        ),
         (["objective.schedule=cosin"], ["objective.schedule", "'cosine'"]),
         (["objective.parameterization=flow"], ["parameterization", "flow_ot"]),
         (["objective.adaptive=true", "objective.schedule=learned"], ["adaptive = false"]),
-        (["objective.adaptive=false", "objective.schedule_args={logsnr_min=-5.0}"],
-         ["objective.logsnr_min"]),
+        (
+            ["objective.adaptive=false", "objective.schedule_args={logsnr_min=-5.0}"],
+            ["objective.logsnr_min"],
+        ),
         (["model.name=tiyn"], ["model.name", "'tiny'"]),
         (["data.source=missing/shards"], ["vdmpp-train shards SRC missing/shards --resolution 8"]),
         (["data.channels=3"], ["data.channels = 1"]),
@@ -100,8 +113,12 @@ def test_check_probes_real_shards(tmp_path, monkeypatch, capsys) -> None:
 
     shards = tmp_path.parent / f"{tmp_path.name}-shards"
     write_shards("digits", shards, maxcount=500, resolution=16)
-    rc, out, err = _check(["--set", f"data.source={shards}", "--set", "data.resolution=16"],
-                          tmp_path, monkeypatch, capsys)  # fmt: skip
+    rc, out, err = _check(
+        ["--set", f"data.source={shards}", "--set", "data.resolution=16"],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
     assert rc == 0 and "first sample decodes" in out, err
     rc, out, err = _check(["--set", f"data.source={shards}"], tmp_path, monkeypatch, capsys)
     assert rc == 2 and "--resolution 8" in _one_line(err)

@@ -45,8 +45,6 @@ def test_models_losses_samplers_agree_on_x_hat(parameterization, process):
         from_losses = parameterizations.to_x(
             out, parameterization, z, lam, process=process, sigma_data=0.5
         )
-        from_samplers = as_denoiser(model, parameterization, process, sigma_data=0.5)(
-            x_edm, sigma
-        )
+        from_samplers = as_denoiser(model, parameterization, process, sigma_data=0.5)(x_edm, sigma)
     assert torch.allclose(from_models, from_losses, rtol=1e-9, atol=1e-9)
     assert torch.allclose(from_models, from_samplers, rtol=1e-9, atol=1e-9)

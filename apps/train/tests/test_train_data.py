@@ -17,8 +17,17 @@ from vdmpp.train.trainer import train
 
 
 def _spec(urls, **kw) -> StreamSpec:
-    base = dict(urls=urls, slot=0, num_slots=1, batch_size=16, resolution=8, channels=1,
-                num_classes=10, seed=0, shuffle_buffer=32)  # fmt: skip
+    base = dict(
+        urls=urls,
+        slot=0,
+        num_slots=1,
+        batch_size=16,
+        resolution=8,
+        channels=1,
+        num_classes=10,
+        seed=0,
+        shuffle_buffer=32,
+    )
     return StreamSpec(**{**base, **kw})
 
 
@@ -37,8 +46,11 @@ def test_train_shards_from_digits_npz_and_folder(tmp_path) -> None:
     assert b["image"].shape == (16, 1, 8, 8) and b["label"].max() < 10
 
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "x.npz", images=rng.integers(0, 256, (20, 3, 12, 12), dtype=np.uint8),
-             labels=np.arange(20) % 4)  # fmt: skip
+    np.savez(
+        tmp_path / "x.npz",
+        images=rng.integers(0, 256, (20, 3, 12, 12), dtype=np.uint8),
+        labels=np.arange(20) % 4,
+    )
     meta = write_shards(tmp_path / "x.npz", tmp_path / "n", maxcount=8, resolution=8)
     assert (meta["count"], meta["shards"], meta["num_classes"], meta["channels"]) == (20, 3, 4, 3)
     assert meta["resolution"] == 8
@@ -81,8 +93,16 @@ def test_train_corrupt_members_are_skipped_and_counted(small, tmp_path) -> None:
     assert batches[-1]["corrupt"] > 0
     assert all(b["image"].shape == (50, 1, 8, 8) for b in batches)
     # and in a training run: reported in the metrics, never fatal
-    cfg = C.load("digits", [*small, f"data.source={tmp_path / 'bad'}", "steps=10",
-                            f"out={tmp_path / 'run'}", "data.shuffle_buffer=8"])  # fmt: skip
+    cfg = C.load(
+        "digits",
+        [
+            *small,
+            f"data.source={tmp_path / 'bad'}",
+            "steps=10",
+            f"out={tmp_path / 'run'}",
+            "data.shuffle_buffer=8",
+        ],
+    )
     assert train(cfg)["status"] == "done"
     m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert m[-1]["corrupt_samples"] > 0
@@ -103,8 +123,9 @@ def test_train_wrong_image_size_is_a_clear_error_before_training(small, tmp_path
 
 
 def test_train_stream_replay_and_worker_split(tmp_path) -> None:
-    urls = expand_source(str(write_shards("digits", tmp_path / "d", maxcount=300,
-                                          resolution=8) and tmp_path / "d"))  # fmt: skip
+    urls = expand_source(
+        str(write_shards("digits", tmp_path / "d", maxcount=300, resolution=8) and tmp_path / "d")
+    )
     full = _take(ShardStream(_spec(urls, flip=True)), 6)
     pos = full[2]["pos"]
     tail = _take(ShardStream(_spec(urls, flip=True, skip={0: pos})), 3)

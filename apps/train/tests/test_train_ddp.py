@@ -15,8 +15,15 @@ from vdmpp.train.checkpoint import find_latest
 @pytest.mark.slow
 def test_train_ddp_two_ranks_equal_one_process(cli, cli_env, small, tmp_path) -> None:
     # global batch 8 in micro-batches of 4: 2 ranks × 1, or 1 rank × 2 accumulated.
-    common = [*small, "steps=6", "batch.per_device=4", "checkpoint.every=6", "log.every=3",
-              "deterministic=true", "objective.adaptive_decay=0.5"]  # fmt: skip
+    common = [
+        *small,
+        "steps=6",
+        "batch.per_device=4",
+        "checkpoint.every=6",
+        "log.every=3",
+        "deterministic=true",
+        "objective.adaptive_decay=0.5",
+    ]
 
     def sets(out) -> list[str]:
         return [a for s in [*common, f"out={out}"] for a in ("--set", s)]
@@ -24,10 +31,23 @@ def test_train_ddp_two_ranks_equal_one_process(cli, cli_env, small, tmp_path) ->
     one = cli(["digits", *sets(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "vdmpp.train", "digits", *sets(tmp_path / "two")],
-        env=cli_env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "vdmpp.train",
+            "digits",
+            *sets(tmp_path / "two"),
+        ],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     _, a = find_latest(tmp_path / "one" / "checkpoints")
     _, b = find_latest(tmp_path / "two" / "checkpoints")

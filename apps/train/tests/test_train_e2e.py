@@ -18,11 +18,23 @@ from vdmpp.train.checkpoint import find_latest, list_checkpoints
 from vdmpp.train.trainer import TrainingError, train
 
 CONTRACT_KEYS = {
-    "format", "version", "model", "parameterization", "process", "sigma_data", "resolution",
-    "channels", "num_classes", "data_range", "logsnr_min", "logsnr_max", "schedule", "step",
+    "format",
+    "version",
+    "model",
+    "parameterization",
+    "process",
+    "sigma_data",
+    "resolution",
+    "channels",
+    "num_classes",
+    "data_range",
+    "logsnr_min",
+    "logsnr_max",
+    "schedule",
+    "step",
     "weights_sha256",  # the pair's consistency check (load_exported verifies it)
     "label_dropout",  # CFG training: vdmpp-eval refuses --guidance when it is 0
-}  # fmt: skip
+}
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -40,8 +52,14 @@ def test_train_digits_50_steps_loss_falls_and_exports(cli, small, tmp_path) -> N
     # (an untrained ε̂ ≈ 0 misses all of ε at every λ) and halves within 50 steps. A v or F head
     # starts lower (ε̂ = σz + αv̂ is already right at high noise), so the halving is a property
     # of this head; the shipped recipe's own test is test_train_matrix's "shipped" row.
-    args += ["--set", "objective.parameterization=eps", "--set", "objective.weighting=sigmoid",
-             "--set", "objective.weighting_args={bias=2.0}"]  # fmt: skip
+    args += [
+        "--set",
+        "objective.parameterization=eps",
+        "--set",
+        "objective.weighting=sigmoid",
+        "--set",
+        "objective.weighting_args={bias=2.0}",
+    ]
     r = cli(args, cwd=Path(__file__).resolve().parents[3])
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 50
@@ -119,8 +137,13 @@ def test_train_sigterm_checkpoints_and_exits_cleanly(cli_env, small, tmp_path) -
     run = tmp_path / "run"
     args = ["digits", "--set", "steps=100000", "--set", f"out={run}", "--set", "log.every=1"]
     args += [a for s in small if not s.startswith("log.every") for a in ("--set", s)]
-    p = subprocess.Popen([sys.executable, "-m", "vdmpp.train", *args], env=cli_env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    p = subprocess.Popen(
+        [sys.executable, "-m", "vdmpp.train", *args],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline:

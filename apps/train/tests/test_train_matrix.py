@@ -47,8 +47,13 @@ from vdmpp.train.objective import (
 )
 
 SHIFT = math.log(64 / 8)  # App. D.2.1: s = log(64/d) at the digits' 8×8
-TINY = {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-        "attention_resolutions": [], "head_channels": 16}  # fmt: skip
+TINY = {
+    "model_channels": 16,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attention_resolutions": [],
+    "head_channels": 16,
+}
 STEPS = 4
 
 
@@ -70,22 +75,31 @@ def pairwise(f: dict[str, list]) -> list[dict]:
     """A deterministic greedy covering array of strength 2 (AETG-style, first-fit on ties)."""
     names = list(f)
     uncovered = {
-        (a, va, b, vb)
-        for a, b in itertools.combinations(names, 2)
-        for va in f[a]
-        for vb in f[b]
+        (a, va, b, vb) for a, b in itertools.combinations(names, 2) for va in f[a] for vb in f[b]
     }
     rows: list[dict] = []
     while uncovered:
-        a, va, b, vb = min(uncovered, key=lambda p: (names.index(p[0]), names.index(p[2]),
-                                                      f[p[0]].index(p[1]), f[p[2]].index(p[3])))
+        a, va, b, vb = min(
+            uncovered,
+            key=lambda p: (
+                names.index(p[0]),
+                names.index(p[2]),
+                f[p[0]].index(p[1]),
+                f[p[2]].index(p[3]),
+            ),
+        )
         row = {a: va, b: vb}
         for n in names:
             if n in row:
                 continue
-            best = max(f[n], key=lambda v: sum(
-                ((m, row[m], n, v) if names.index(m) < names.index(n) else (n, v, m, row[m]))
-                in uncovered for m in row))  # fmt: skip
+            best = max(
+                f[n],
+                key=lambda v: sum(
+                    ((m, row[m], n, v) if names.index(m) < names.index(n) else (n, v, m, row[m]))
+                    in uncovered
+                    for m in row
+                ),
+            )
             row[n] = best
         for x, y in itertools.combinations(names, 2):
             uncovered.discard((x, row[x], y, row[y]))
@@ -106,23 +120,25 @@ def _cid(c: dict) -> str:
 
 def config_for(c: dict) -> C.Config:
     adaptive = c["schedule"] == "adaptive"
-    return C.from_dict({
-        "precision": c["precision"],
-        "data": {"resolution": 8, "num_classes": c["num_classes"]},
-        "model": {"name": "tiny", "overrides": dict(TINY)},
-        "objective": {
-            "schedule": "cosine" if adaptive else c["schedule"],
-            "adaptive": adaptive,
-            "adaptive_decay": 0.9,
-            "weighting": c["weighting"],
-            "weighting_args": {"shift": c["shift"]} if c["shift"] else {},
-            "parameterization": c["parameterization"],
-            "process": c["process"],
-            "time_sampler": c["time_sampler"],
-            "logsnr_min": -15.0,
-            "logsnr_max": 15.0,
-        },
-    }).validate()  # fmt: skip
+    return C.from_dict(
+        {
+            "precision": c["precision"],
+            "data": {"resolution": 8, "num_classes": c["num_classes"]},
+            "model": {"name": "tiny", "overrides": dict(TINY)},
+            "objective": {
+                "schedule": "cosine" if adaptive else c["schedule"],
+                "adaptive": adaptive,
+                "adaptive_decay": 0.9,
+                "weighting": c["weighting"],
+                "weighting_args": {"shift": c["shift"]} if c["shift"] else {},
+                "parameterization": c["parameterization"],
+                "process": c["process"],
+                "time_sampler": c["time_sampler"],
+                "logsnr_min": -15.0,
+                "logsnr_max": 15.0,
+            },
+        }
+    ).validate()
 
 
 def test_pairwise_covers_every_pair() -> None:
@@ -133,8 +149,9 @@ def test_pairwise_covers_every_pair() -> None:
         seen = {(r[a], r[b]) for r in rows}
         assert seen == set(itertools.product(f[a], f[b])), (a, b)
     full = math.prod(len(v) for v in f.values())
-    assert len(f["schedule"]) >= 8 and "linear_logsnr" in f["schedule"] and "learned" in f[
-        "schedule"]  # fmt: skip
+    assert (
+        len(f["schedule"]) >= 8 and "linear_logsnr" in f["schedule"] and "learned" in f["schedule"]
+    )
     assert len(f["weighting"]) >= 11
     assert len(rows) < full / 20, (len(rows), full)
 
@@ -154,9 +171,13 @@ def _fixed_loss(obj: Objective, cfg: C.Config, net, x, y) -> float:
     from vdmpp.schedules import LinearLogSNR
 
     o = cfg.objective
-    probe = WeightedLoss(LinearLogSNR(logsnr_min=o.logsnr_min, logsnr_max=o.logsnr_max),
-                         obj.loss.weighting, o.parameterization, o.process,
-                         sigma_data=o.sigma_data)  # fmt: skip
+    probe = WeightedLoss(
+        LinearLogSNR(logsnr_min=o.logsnr_min, logsnr_max=o.logsnr_max),
+        obj.loss.weighting,
+        o.parameterization,
+        o.process,
+        sigma_data=o.sigma_data,
+    )
     g = torch.Generator().manual_seed(123)
     t = (torch.arange(64, dtype=torch.float32) + 0.5) / 64
     xs, ys = x.repeat(4, 1, 1, 1), (y.repeat(4) if y is not None else None)
@@ -204,8 +225,9 @@ def test_cell_trains_exports_samples_and_bounds(cell, batch, tmp_path) -> None:
     run = types.SimpleNamespace(cfg=cfg, objective=obj, ema=net.eval(), step=STEPS, out=tmp_path)
     Trainer.export(run)  # type: ignore[arg-type]
     model, meta = load_model(tmp_path / "export")
-    assert meta["parameterization"] == cell["parameterization"] and meta["process"] == cell[
-        "process"]  # fmt: skip
+    assert (
+        meta["parameterization"] == cell["parameterization"] and meta["process"] == cell["process"]
+    )
     assert meta["schedule"]["name"] == cell["schedule"]
     assert meta["num_classes"] == cell["num_classes"]
     with torch.no_grad():
@@ -215,8 +237,13 @@ def test_cell_trains_exports_samples_and_bounds(cell, batch, tmp_path) -> None:
     den = denoiser_for(model, meta)
     sigmas = S.karras_sigmas(3, 0.002, 80.0, 7.0)
     labels = torch.arange(4) % 10 if cell["num_classes"] else None
-    fns = {"heun": S.heun, "euler": S.euler, "ddpm": S.ddpm, "ddim": S.ddim,
-           "edm": lambda *a, **k: S.edm_stochastic(*a, churn=10.0, **k)}  # fmt: skip
+    fns = {
+        "heun": S.heun,
+        "euler": S.euler,
+        "ddpm": S.ddpm,
+        "ddim": S.ddim,
+        "edm": lambda *a, **k: S.edm_stochastic(*a, churn=10.0, **k),
+    }
     assert set(fns) == set(SAMPLERS)  # every sampler the eval app offers
     for name in SAMPLERS:
         g = torch.Generator().manual_seed(1)
@@ -235,18 +262,30 @@ RECIPES = {
     # digits.toml as shipped (the best VDM++ recipe of bench/objectives.py), nothing overridden.
     "shipped": [],
     # EDM (Karras et al. 2022): EDM training schedule, EDM weighting, F-parameterization.
-    "edm": ["objective.adaptive=false", "objective.schedule=edm_training",
-            "objective.weighting=edm", "objective.weighting_args={}",
-            "objective.parameterization=edm"],
+    "edm": [
+        "objective.adaptive=false",
+        "objective.schedule=edm_training",
+        "objective.weighting=edm",
+        "objective.weighting_args={}",
+        "objective.parameterization=edm",
+    ],
     # v-prediction with the cosine schedule (VDM++ Table 1, 'v-MSE'): v-weighting e^{-λ/2}.
-    "v-cosine": ["objective.adaptive=false", "objective.schedule=cosine",
-                 "objective.weighting=vprediction", "objective.weighting_args={}",
-                 "objective.parameterization=v"],
+    "v-cosine": [
+        "objective.adaptive=false",
+        "objective.schedule=cosine",
+        "objective.weighting=vprediction",
+        "objective.weighting_args={}",
+        "objective.parameterization=v",
+    ],
     # Flow matching with the OT path (VDM++ App. D.3): flow_ot schedule and weighting, v head.
-    "flow-ot": ["objective.adaptive=false", "objective.schedule=flow_ot",
-                "objective.weighting=flowot", "objective.weighting_args={}",
-                "objective.parameterization=v"],
-}  # fmt: skip
+    "flow-ot": [
+        "objective.adaptive=false",
+        "objective.schedule=flow_ot",
+        "objective.weighting=flowot",
+        "objective.weighting_args={}",
+        "objective.parameterization=v",
+    ],
+}
 
 
 @pytest.mark.slow
@@ -270,11 +309,13 @@ def test_recipe_trains_on_digits_from_the_cli(recipe, cli, small, tmp_path) -> N
     _model, meta = load_exported(run)
     want = dict(s.split("=", 1) for s in RECIPES[recipe])
     shipped = C.load("digits")
-    assert meta["schedule"]["name"] == want.get("objective.schedule", "adaptive" if
-                                                shipped.objective.adaptive else
-                                                shipped.objective.schedule)  # fmt: skip
-    assert meta["parameterization"] == want.get("objective.parameterization",
-                                                 shipped.objective.parameterization)
+    assert meta["schedule"]["name"] == want.get(
+        "objective.schedule",
+        "adaptive" if shipped.objective.adaptive else shipped.objective.schedule,
+    )
+    assert meta["parameterization"] == want.get(
+        "objective.parameterization", shipped.objective.parameterization
+    )
     # the preview goes through the one grid writer: classes as columns, upscaled, captioned
     from PIL import Image
 

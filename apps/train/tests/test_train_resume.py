@@ -25,8 +25,13 @@ from vdmpp.train.checkpoint import (
 
 
 def _launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vdmpp.train", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "vdmpp.train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -96,8 +101,12 @@ def test_train_sigkill_while_writing_never_breaks_the_latest_checkpoint(cli_env,
     d = tmp_path / "ckpts"
     step = 0
     for delay in (0.05, 0.2, 0.35, 0.5, 0.8, 1.1):
-        p = subprocess.Popen([sys.executable, "-c", _WRITER, str(d), str(step)], env=cli_env,
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+        p = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(d), str(step)],
+            env=cli_env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert p.stdout.readline().strip() == "ready"
         time.sleep(delay)
         os.kill(p.pid, signal.SIGKILL)
@@ -152,10 +161,21 @@ def test_train_resume_with_a_pickle_checkpoint_is_refused(cli, small, tmp_path) 
         def __reduce__(self):
             return (os.system, ("echo pwned",))
 
-    torch.save({"format": "vdmpp-train-checkpoint", "step": 5, "model": Payload(), "ema": {},
-                "optimizer": {}}, ck / "ckpt-000000005.pt")  # fmt: skip
-    args = ["digits", "--resume", *(a for s in [*small, f"out={tmp_path / 'run'}", "steps=2"]
-                                    for a in ("--set", s))]  # fmt: skip
+    torch.save(
+        {
+            "format": "vdmpp-train-checkpoint",
+            "step": 5,
+            "model": Payload(),
+            "ema": {},
+            "optimizer": {},
+        },
+        ck / "ckpt-000000005.pt",
+    )
+    args = [
+        "digits",
+        "--resume",
+        *(a for s in [*small, f"out={tmp_path / 'run'}", "steps=2"] for a in ("--set", s)),
+    ]
     r = cli(args)
     assert "pwned" not in r.stdout
     assert "skipping unreadable checkpoint" in r.stderr and "weights_only" in r.stderr

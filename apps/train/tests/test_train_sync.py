@@ -33,15 +33,27 @@ class HostReads(TorchDispatchMode):
         if func._schema.name in HOST_READS:
             stack = traceback.extract_stack()
             if not any("/torch/optim/" in f.filename for f in stack):
-                site = next((f"{f.filename.rsplit('/', 1)[-1]}:{f.name}"
-                             for f in reversed(stack) if "/vdmpp/" in f.filename), "?")
+                site = next(
+                    (
+                        f"{f.filename.rsplit('/', 1)[-1]}:{f.name}"
+                        for f in reversed(stack)
+                        if "/vdmpp/" in f.filename
+                    ),
+                    "?",
+                )
                 self.sites[site] += 1
         return func(*args, **(kwargs or {}))
 
 
 def _reads_per_step(tmp_path, small, schedule: str) -> Counter[str]:
-    overrides = [*small, "objective.adaptive=false", f"objective.schedule='{schedule}'",
-                 "steps=4", f"out='{tmp_path / schedule}'", "deterministic=false"]  # fmt: skip
+    overrides = [
+        *small,
+        "objective.adaptive=false",
+        f"objective.schedule='{schedule}'",
+        "steps=4",
+        f"out='{tmp_path / schedule}'",
+        "deterministic=false",
+    ]
     trainer = Trainer(C.load("digits", overrides))
     trainer.train_step()  # first step: lazy init, data pipeline start
     counts = []

@@ -25,8 +25,15 @@ class Proc:
     """A vdmpp-train (or torchrun) process group started with ``start_new_session``."""
 
     def __init__(self, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
-        self.p = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.p = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
     def wait_until(self, cond: Callable[[], bool], timeout: float = 240.0) -> None:
         deadline = time.time() + timeout
@@ -72,8 +79,17 @@ def train_argv(small) -> Callable[..., list[str]]:
         args = [config, *(a for s in [*small, *sets, f"out={out}"] for a in ("--set", s))]
         if ranks == 1:
             return [sys.executable, "-m", "vdmpp.train", *args]
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", str(ranks), "-m", "vdmpp.train", *args]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(ranks),
+            "-m",
+            "vdmpp.train",
+            *args,
+        ]
 
     return make
 

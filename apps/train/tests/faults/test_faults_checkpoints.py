@@ -20,8 +20,13 @@ from vdmpp.train.checkpoint import (
 
 
 def _ckpt(step: int) -> dict:
-    return {"format": FORMAT, "step": step, "model": {"w": torch.full((3,), float(step))},
-            "ema": {}, "optimizer": {}}
+    return {
+        "format": FORMAT,
+        "step": step,
+        "model": {"w": torch.full((3,), float(step))},
+        "ema": {},
+        "optimizer": {},
+    }
 
 
 class _Evil:

@@ -29,9 +29,17 @@ def _sets(*s: str) -> list[str]:
     return [a for x in s for a in ("--set", x)]
 
 
-@pytest.mark.parametrize("bad", ["ema.halflife_images=inf", "optimizer.eps=inf",
-                                 "objective.sigma_data=inf", "optimizer.warmup_images=nan",
-                                 "optimizer.betas=[0.9, nan]", "sample.sigma_max=-inf"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "ema.halflife_images=inf",
+        "optimizer.eps=inf",
+        "objective.sigma_data=inf",
+        "optimizer.warmup_images=nan",
+        "optimizer.betas=[0.9, nan]",
+        "sample.sigma_max=-inf",
+    ],
+)
 def test_faults_non_finite_numbers_are_refused(bad, capsys) -> None:
     err = _one_line_exit_2(["digits", *_sets(bad), "--check"], capsys)
     assert bad.split("=")[0].split(".")[-1] in err and "finite" in err
@@ -55,10 +63,11 @@ def test_faults_resume_with_another_model_config(small, tmp_path, capsys) -> Non
     assert main(["digits", *_sets(*small, "steps=2", f"out={run}")]) == 0
     capsys.readouterr()
     other = [s for s in small if not s.startswith("model.overrides")]
-    other.append("model.overrides={model_channels=32, channel_mult=[1, 2], num_res_blocks=1, "
-                 "attention_resolutions=[], head_channels=16}")
-    err = _one_line_exit_2(["digits", *_sets(*other, "steps=4", f"out={run}"), "--resume"],
-                           capsys)
+    other.append(
+        "model.overrides={model_channels=32, channel_mult=[1, 2], num_res_blocks=1, "
+        "attention_resolutions=[], head_channels=16}"
+    )
+    err = _one_line_exit_2(["digits", *_sets(*other, "steps=4", f"out={run}"), "--resume"], capsys)
     assert "another model" in err and "model.overrides" in err
 
 
@@ -89,6 +98,8 @@ def test_faults_config_toml_round_trips_strings_with_newlines_and_quotes() -> No
 def test_faults_missing_shard_directory_says_how_to_make_one(small, tmp_path, capsys) -> None:
     """Not only ``--check``: the run itself names the exact ``vdmpp-train shards`` command."""
     src = tmp_path / "no-shards"
-    err = _one_line_exit_2(["digits", *_sets(*small, "steps=1", f"out={tmp_path / 'run'}",
-                                             f"data.source={src}")], capsys)  # fmt: skip
+    err = _one_line_exit_2(
+        ["digits", *_sets(*small, "steps=1", f"out={tmp_path / 'run'}", f"data.source={src}")],
+        capsys,
+    )
     assert f"vdmpp-train shards SRC {src} --resolution 8" in err, err

@@ -16,8 +16,9 @@ RUNS = int(os.environ.get("VDMPP_SOAK_RUNS", "50")) if SOAK else 2
 
 
 @pytest.mark.slow
-def test_faults_consecutive_two_rank_runs_exit_0_with_one_result_line(launch, train_argv,
-                                                                      tmp_path) -> None:
+def test_faults_consecutive_two_rank_runs_exit_0_with_one_result_line(
+    launch, train_argv, tmp_path
+) -> None:
     failures = []
     for i in range(RUNS):
         p = launch(train_argv(tmp_path / f"r{i}", "steps=2", "log.every=1", ranks=2))

@@ -15,8 +15,13 @@ def test_faults_shipped_digits_config_resumes_bit_identically(cli, small, tmp_pa
     common += ["checkpoint.every=3", "data.shuffle_buffer=64"]
 
     def run(out, steps: int, *extra: str):
-        r = cli(["digits", *(a for s in [*common, f"steps={steps}", f"out={out}"]
-                             for a in ("--set", s)), *extra])  # fmt: skip
+        r = cli(
+            [
+                "digits",
+                *(a for s in [*common, f"steps={steps}", f"out={out}"] for a in ("--set", s)),
+                *extra,
+            ]
+        )
         assert r.returncode == 0, r.stderr[-3000:]
 
     run(tmp_path / "a", 6)

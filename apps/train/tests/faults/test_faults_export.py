@@ -19,17 +19,34 @@ from vdmpp.train.export import ExportError, load_exported, read_meta, write_expo
 
 from .conftest import SOAK, metrics_steps
 
-TINY = {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-        "attention_resolutions": [], "head_channels": 16, "in_channels": 1, "resolution": 8,
-        "num_classes": 10}
+TINY = {
+    "model_channels": 16,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attention_resolutions": [],
+    "head_channels": 16,
+    "in_channels": 1,
+    "resolution": 8,
+    "num_classes": 10,
+}
 _OS_CALLS = ("replace", "rename", "symlink", "fsync", "unlink", "rmdir", "mkdir", "open")
 
 
 def _meta(step: int) -> dict:
-    return {"model": {"name": "tiny", "overrides": TINY}, "parameterization": "eps",
-            "process": "vp", "sigma_data": 0.5, "resolution": 8, "channels": 1,
-            "num_classes": 10, "data_range": [-1, 1], "logsnr_min": -15.0, "logsnr_max": 15.0,
-            "schedule": {"name": "cosine"}, "step": step}
+    return {
+        "model": {"name": "tiny", "overrides": TINY},
+        "parameterization": "eps",
+        "process": "vp",
+        "sigma_data": 0.5,
+        "resolution": 8,
+        "channels": 1,
+        "num_classes": 10,
+        "data_range": [-1, 1],
+        "logsnr_min": -15.0,
+        "logsnr_max": 15.0,
+        "schedule": {"name": "cosine"},
+        "step": step,
+    }
 
 
 def _state(model: torch.nn.Module, step: int) -> dict:
@@ -137,8 +154,9 @@ def test_faults_resume_repairs_an_export_lost_after_the_final_checkpoint(cli, sm
 
 
 @pytest.mark.parametrize("kills", [pytest.param(40, marks=pytest.mark.slow) if SOAK else 3])
-def test_faults_sigkill_loop_during_checkpoint_and_export_writes(launch, train_argv, tmp_path,
-                                                                 kills) -> None:
+def test_faults_sigkill_loop_during_checkpoint_and_export_writes(
+    launch, train_argv, tmp_path, kills
+) -> None:
     """Train with a checkpoint + export every step; SIGKILL the group at random instants and
     resume: the export always loads and equals the EMA of the checkpoint of its step; the
     newest checkpoint always loads; the finished run leaves no temp files."""

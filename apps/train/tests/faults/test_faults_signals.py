@@ -25,8 +25,9 @@ def _group_gone(pgid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_faults_group_signal_with_workers_checkpoints_and_exits_75(launch, train_argv, tmp_path,
-                                                                    sig) -> None:
+def test_faults_group_signal_with_workers_checkpoints_and_exits_75(
+    launch, train_argv, tmp_path, sig
+) -> None:
     run = tmp_path / "run"
     p = launch(train_argv(run, "steps=100000", "data.workers=2", "checkpoint.every=100000"))
     p.wait_until(lambda: len(metrics_steps(run)) >= 1)
@@ -59,8 +60,13 @@ def test_faults_torchrun_group_sigterm_with_workers_resumes_bit_identically(
     launch, train_argv, tmp_path
 ) -> None:
     """2 gloo ranks × 2 workers, SIGTERM to the group → checkpoint; resume == uninterrupted."""
-    common = ["deterministic=true", "data.workers=2", "checkpoint.every=100000",
-              "data.shuffle_buffer=64", "objective.adaptive_decay=0.5"]
+    common = [
+        "deterministic=true",
+        "data.workers=2",
+        "checkpoint.every=100000",
+        "data.shuffle_buffer=64",
+        "objective.adaptive_decay=0.5",
+    ]
     run = tmp_path / "pre"
     p = launch(train_argv(run, *common, "steps=100000", ranks=2))
     p.wait_until(lambda: len(metrics_steps(run)) >= 1)

@@ -35,8 +35,9 @@ def _shards(tmp: Path, bad: str) -> Path:
         labels = np.full(40, 12 if bad == "labels" else 3, np.int64)
         rng = np.random.default_rng(0)
         npz = tmp / f"{bad}.npz"
-        np.savez(npz, images=rng.integers(0, 255, (40, side, side, 1), dtype=np.uint8),
-                 labels=labels)
+        np.savez(
+            npz, images=rng.integers(0, 255, (40, side, side, 1), dtype=np.uint8), labels=labels
+        )
         write_shards(npz, tmp / f"w-{bad}", maxcount=5000)
         shutil.copy(tmp / f"w-{bad}" / "shard-000000.tar", bad_tar)
     (root / "dataset.json").unlink()  # a hand-assembled folder: its manifest lists 1 shard
@@ -47,8 +48,14 @@ def _shards(tmp: Path, bad: str) -> Path:
 def test_faults_slot_that_cannot_fill_a_batch_fails_fast(cli, small, tmp_path, bad, workers):
     # global batch 8 = 2 slots of 4: slot 0 reads the good shard, slot 1 the bad one
     src = _shards(tmp_path, bad)
-    sets = [*small, f"data.source={src}", "batch.per_device=4", f"data.workers={workers}",
-            "steps=100000", f"out={tmp_path / 'run'}"]
+    sets = [
+        *small,
+        f"data.source={src}",
+        "batch.per_device=4",
+        f"data.workers={workers}",
+        "steps=100000",
+        f"out={tmp_path / 'run'}",
+    ]
     t0 = time.time()
     r = cli(["digits", *(a for s in sets for a in ("--set", s))], timeout=120)
     assert r.returncode == 3, r.stderr[-3000:]

@@ -33,9 +33,11 @@ def _probe_data(cfg: Config) -> str:
     d = cfg.data
     if d.source == "digits":
         images, labels = digits_images(d.resolution, "train")
-        return (f"digits (built in): {len(images)} train images {d.resolution}×{d.resolution}, "
-                f"{int(labels.max()) + 1} classes; shards are written to "
-                f"{Path(cfg.out) / 'data'} on the first run")  # fmt: skip
+        return (
+            f"digits (built in): {len(images)} train images {d.resolution}×{d.resolution}, "
+            f"{int(labels.max()) + 1} classes; shards are written to "
+            f"{Path(cfg.out) / 'data'} on the first run"
+        )
     urls = expand_source(d.source, d.resolution)  # a missing source names the shards command
     probe(urls, d.resolution, d.channels, d.num_classes)
     return f"{d.source}: {len(urls)} shard(s), first sample decodes as {d.resolution}² ok"
@@ -70,26 +72,48 @@ def dry_run(cfg: Config, *, resume: bool = False, world: int | None = None) -> s
     data = _probe_data(cfg)
     o = cfg.objective
     lo, hi = (float(torch.as_tensor(v).detach()) for v in (sched.logsnr_min, sched.logsnr_max))
-    sched_name = (f"adaptive ({o.adaptive_bins} bins, decay {o.adaptive_decay})" if o.adaptive
-                  else f"{o.schedule} {dict(o.schedule_args) or ''}".strip())  # fmt: skip
+    sched_name = (
+        f"adaptive ({o.adaptive_bins} bins, decay {o.adaptive_decay})"
+        if o.adaptive
+        else f"{o.schedule} {dict(o.schedule_args) or ''}".strip()
+    )
     spec = model_spec(cfg)
     rows: list[tuple[str, Any]] = [
-        ("model", f"{spec['name']} {cfg.data.channels}×{cfg.data.resolution}², "
-                  f"{n_params / 1e6:.2f}M parameters, classes: {cfg.data.num_classes}"),
-        ("objective", f"{weighting!r} weighting, {o.parameterization} head, {o.process} "
-                      f"process, {o.time_sampler} t"),
+        (
+            "model",
+            f"{spec['name']} {cfg.data.channels}×{cfg.data.resolution}², "
+            f"{n_params / 1e6:.2f}M parameters, classes: {cfg.data.num_classes}",
+        ),
+        (
+            "objective",
+            f"{weighting!r} weighting, {o.parameterization} head, {o.process} "
+            f"process, {o.time_sampler} t",
+        ),
         ("schedule", sched_name),
-        ("λ range", f"[{lo:g}, {hi:g}] (σ from {torch.exp(torch.tensor(-hi / 2)):.3g} to "
-                    f"{torch.exp(torch.tensor(-lo / 2)):.3g})"),
+        (
+            "λ range",
+            f"[{lo:g}, {hi:g}] (σ from {torch.exp(torch.tensor(-hi / 2)):.3g} to "
+            f"{torch.exp(torch.tensor(-lo / 2)):.3g})",
+        ),
         ("data", data),
         ("device", f"{device} (device = {cfg.device!r}), precision {cfg.precision}"),
-        ("batch", f"global {cfg.batch.global_size} = per-device {per_device} × accumulation "
-                  f"{accum} × world size {world}"),
-        ("optimizer", f"{cfg.optimizer.name} lr {cfg.optimizer.lr:g}, clip "
-                      f"{cfg.optimizer.grad_clip:g}, {cfg.steps} steps"),
-        ("previews", f"heun, {cfg.sample.steps} steps, every {cfg.sample.every} steps"
-                     if cfg.sample.every else "off"),
+        (
+            "batch",
+            f"global {cfg.batch.global_size} = per-device {per_device} × accumulation "
+            f"{accum} × world size {world}",
+        ),
+        (
+            "optimizer",
+            f"{cfg.optimizer.name} lr {cfg.optimizer.lr:g}, clip "
+            f"{cfg.optimizer.grad_clip:g}, {cfg.steps} steps",
+        ),
+        (
+            "previews",
+            f"heun, {cfg.sample.steps} steps, every {cfg.sample.every} steps"
+            if cfg.sample.every
+            else "off",
+        ),
         ("out", f"{cfg.out} (nothing written by --check)"),
-    ]  # fmt: skip
+    ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -117,7 +117,7 @@ def _shards_parser() -> argparse.ArgumentParser:
 
 def _shards(argv: list[str]) -> int:
     """``vdmpp-train shards``: write shards (or ``--verify`` them); one JSON line on stdout."""
-    from .shards import default_workers, skipped_line, verify_shards, write_shards
+    from .data import default_workers, skipped_line, verify_shards, write_shards
 
     p = _shards_parser()
     a = p.parse_args(argv)

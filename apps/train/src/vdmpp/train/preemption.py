@@ -36,8 +36,11 @@ class Preemption:
         self._armed_for = -1
 
     def __enter__(self) -> Preemption:
-        for s, h in ((signal.SIGTERM, self._handle), (signal.SIGINT, self._handle),
-                     (signal.SIGALRM, self._alarm)):  # fmt: skip
+        for s, h in (
+            (signal.SIGTERM, self._handle),
+            (signal.SIGINT, self._handle),
+            (signal.SIGALRM, self._alarm),
+        ):
             with contextlib.suppress(ValueError):  # not the main thread
                 self._old[s] = signal.signal(s, h)
         return self
