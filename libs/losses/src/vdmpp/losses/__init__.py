@@ -5,11 +5,14 @@
 * :class:`WeightedLoss`: the estimator ½·w(λ)/p(λ)·‖ε − ε̂‖² of VDM++ eq. 7.
 * :mod:`~vdmpp.losses.vlb`: VDM's prior, reconstruction and diffusion terms; :func:`bits_per_dim`
   (also for a timestep-conditioned model on a DDPM ᾱ table: :func:`bits_per_dim_discrete`).
+* :mod:`~vdmpp.losses.uncertainty`: EDM2's learned uncertainty weighting (eq. 21),
+  :class:`LogVarianceMLP` u(λ) and :func:`uncertainty_weighted` ℓ·e^{−u} + u.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import parameterizations, vlb, weightings
+from . import parameterizations, uncertainty, vlb, weightings
+from .uncertainty import LogVarianceMLP, uncertainty_weighted
 from .vlb import (
     DiscreteTimeModel,
     TimestepModel,
@@ -27,6 +30,7 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "DiscreteTimeModel",
+    "LogVarianceMLP",
     "LossOutput",
     "TimestepModel",
     "VLBTerms",
@@ -35,6 +39,8 @@ __all__ = [
     "bits_per_dim",
     "bits_per_dim_discrete",
     "parameterizations",
+    "uncertainty",
+    "uncertainty_weighted",
     "vlb",
     "weightings",
 ]
