@@ -18,7 +18,7 @@
 #include <cmath>
 #include <vector>
 
-#include "checks.h"
+#include "params.h"
 
 namespace vdmpp {
 namespace {
@@ -32,10 +32,9 @@ void bin_batch(const at::Tensor& logsnr, const at::Tensor& value, int64_t bins,
   const float* lam = lam_t.const_data_ptr<float>();
   const float* val = val_t.const_data_ptr<float>();
   const int64_t n = lam_t.numel();
-  // Bin k = clamp(floor((λ - λmin) / Δ), 0, bins - 1), in float32 like the reference.
-  const float lmin = static_cast<float>(logsnr_min);
-  const float width = static_cast<float>((logsnr_max - logsnr_min) / static_cast<double>(bins));
-  const float last = static_cast<float>(bins - 1);
+  // Bin k = clamp(floor((λ - λmin) / Δ), 0, bins - 1), in float32 like the reference; the same
+  // parameters and binning (params.h) as the CUDA kernels.
+  const AdaptiveParams p = make_adaptive_params(bins, 0.5, logsnr_min, logsnr_max);
   sums.assign(bins, 0.0f);
   counts.assign(bins, 0.0f);
   for (int64_t i = 0; i < n; ++i) {  // NaN λ first: nothing is written when it raises
@@ -46,8 +45,7 @@ void bin_batch(const at::Tensor& logsnr, const at::Tensor& value, int64_t bins,
     const float l = lam[i];
     const float v = val[i];
     if (!std::isfinite(l) || !std::isfinite(v)) continue;  // ignored, as in the reference
-    const float q = std::floor((l - lmin) / width);
-    const auto k = static_cast<int64_t>(std::min(std::max(q, 0.0f), last));
+    const int k = bin_of(l, p);
     sums[k] += v;
     counts[k] += 1.0f;
   }
@@ -59,8 +57,9 @@ void bin_batch(const at::Tensor& logsnr, const at::Tensor& value, int64_t bins,
 // 0/0; next to any ordinary bin it vanishes in the double cumulative sum.
 void ema_and_cdf(float* e, float* c, const float* sums, const float* counts, int64_t bins,
                  double decay) {
-  const float a = static_cast<float>(decay);
-  const float b = static_cast<float>(1.0 - decay);
+  const AdaptiveParams p = make_adaptive_params(bins, decay, 0.0, 1.0);  // a, b only
+  const float a = p.a;
+  const float b = p.b;
   for (int64_t k = 0; k < bins; ++k) {
     if (counts[k] > 0.0f) {
       const float mean = sums[k] / std::max(counts[k], 1.0f);

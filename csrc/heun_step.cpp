@@ -1,68 +1,100 @@
-// CPU kernels of vdmpp::heun_step and vdmpp::churn (EDM, EDM, Alg. 1/2).
+// CPU kernels of vdmpp::heun_step and vdmpp::churn (EDM, Karras et al. 2022, Alg. 1/2).
 //
 // Each output element is computed in float32 in exactly the order of the PyTorch reference
 // (vdmpp.samplers._step), and the build disables FMA contraction (-ffp-contract=off), so float32
-// and bfloat16 results are bit-identical to the reference on CPU.
+// and bfloat16 results are bit-identical to the reference on CPU. The loops (cpu/heun_kernels.h)
+// are vectorised with at::vec, built for AVX-512, AVX2 and any CPU and picked at run time; the
+// work is split over threads with at::parallel_for.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
 #include "checks.h"
-#include "float_io.h"
+#include "cpu/heun_kernels_api.h"
 
 namespace vdmpp {
 namespace {
 
 constexpr int64_t kGrain = 32768;
 
-// The inner loops take __restrict__ pointers to one chunk so the compiler vectorises them; on
-// x86-64 GCC also builds AVX-512 and AVX2 clones picked at load time (ifunc). Division stays a
-// true IEEE division and nothing is contracted into an FMA, so every clone is bit-identical.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define VDMPP_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define VDMPP_CPU_CLONES
-#endif
+// The instruction set the loops run with: the widest this CPU has, or VDMPP_CPU_CAPABILITY
+// (default / avx2 / avx512) if set to one it has; vdmpp::_debug_cpu_capability switches it for
+// the tests, which check every variant against the reference bit for bit.
+enum class Cap { kDefault, kAvx2, kAvx512 };
 
-template <typename Raw, bool kCorrect>
-VDMPP_CPU_CLONES void heun_chunk(const Raw* __restrict__ x, const Raw* __restrict__ d1,
-                                 const Raw* __restrict__ d2, Raw* __restrict__ out, int64_t n,
-                                 float t_hat, float t_next, float h) {
-  using IO = FloatIO<Raw>;
-  for (int64_t i = 0; i < n; ++i) {
-    const float xv = IO::load(x[i]);
-    const float d_cur = (xv - IO::load(d1[i])) / t_hat;
-    if constexpr (kCorrect) {
-      const float x_e = xv + h * d_cur;
-      const float d_prime = (x_e - IO::load(d2[i])) / t_next;
-      out[i] = IO::store(xv + h * (0.5f * d_cur + 0.5f * d_prime));
-    } else {
-      out[i] = IO::store(xv + h * d_cur);
+bool cpu_has(Cap c) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (c == Cap::kAvx512) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           cpu_has(Cap::kAvx2);
+  }
+  if (c == Cap::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return c == Cap::kDefault;
+}
+
+const char* cap_name(Cap c) {
+  return c == Cap::kAvx512 ? "avx512" : (c == Cap::kAvx2 ? "avx2" : "default");
+}
+
+bool parse_cap(const std::string& s, Cap* out) {
+  for (Cap c : {Cap::kDefault, Cap::kAvx2, Cap::kAvx512}) {
+    if (s == cap_name(c)) {
+      *out = c;
+      return true;
     }
   }
+  return false;
 }
 
-template <typename Raw>
-VDMPP_CPU_CLONES void churn_chunk(const Raw* __restrict__ x, const Raw* __restrict__ noise,
-                                  Raw* __restrict__ out, int64_t n, float scale) {
-  using IO = FloatIO<Raw>;
-  for (int64_t i = 0; i < n; ++i) out[i] = IO::store(IO::load(x[i]) + scale * IO::load(noise[i]));
+Cap best_cap() {
+  Cap c = cpu_has(Cap::kAvx512) ? Cap::kAvx512 : (cpu_has(Cap::kAvx2) ? Cap::kAvx2 : Cap::kDefault);
+  const char* env = std::getenv("VDMPP_CPU_CAPABILITY");
+  Cap want;
+  if (env != nullptr && parse_cap(env, &want) && cpu_has(want)) c = want;
+  return c;
 }
 
-template <typename Raw, bool kCorrect>
-void heun_cpu_loop(const Raw* x, const Raw* d1, const Raw* d2, Raw* out, int64_t n, float t_hat,
-                   float t_next, float h) {
+std::atomic<int>& active_cap() {
+  static std::atomic<int> cap{static_cast<int>(best_cap())};
+  return cap;
+}
+
+cpu::HeunKernels kernels_for(Cap c) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (c == Cap::kAvx512) return cpu::kernels_avx512();
+  if (c == Cap::kAvx2) return cpu::kernels_avx2();
+#endif
+  (void)c;
+  return cpu::kernels_default();
+}
+
+const cpu::HeunKernels& kernels() {
+  static const cpu::HeunKernels table[3] = {kernels_for(Cap::kDefault), kernels_for(Cap::kAvx2),
+                                            kernels_for(Cap::kAvx512)};
+  return table[active_cap().load(std::memory_order_relaxed)];
+}
+
+template <typename Raw, typename Fn>
+void heun_cpu_loop(Fn fn, const Raw* x, const Raw* d1, const Raw* d2, Raw* out, int64_t n,
+                   float t_hat, float t_next, float h) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    heun_chunk<Raw, kCorrect>(x + begin, d1 + begin, kCorrect ? d2 + begin : nullptr,
-                              out + begin, end - begin, t_hat, t_next, h);
+    fn(x + begin, d1 + begin, d2 ? d2 + begin : nullptr, out + begin, end - begin, t_hat, t_next,
+       h);
   });
 }
 
-template <typename Raw>
-void churn_cpu_loop(const Raw* x, const Raw* noise, Raw* out, int64_t n, float scale) {
+template <typename Raw, typename Fn>
+void churn_cpu_loop(Fn fn, const Raw* x, const Raw* noise, Raw* out, int64_t n, float scale) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    churn_chunk<Raw>(x + begin, noise + begin, out + begin, end - begin, scale);
+    fn(x + begin, noise + begin, out + begin, end - begin, scale);
   });
 }
 
@@ -74,11 +106,13 @@ void heun_cpu_typed(const at::Tensor& x_hat, const at::Tensor& denoised,
   const auto* d1 = static_cast<const Raw*>(denoised.const_data_ptr());
   auto* o = static_cast<Raw*>(out.mutable_data_ptr());
   const int64_t n = x_hat.numel();
-  if (denoised_next.has_value()) {
-    const auto* d2 = static_cast<const Raw*>(denoised_next->const_data_ptr());
-    heun_cpu_loop<Raw, true>(x, d1, d2, o, n, t_hat, t_next, h);
+  const cpu::HeunKernels& k = kernels();
+  const Raw* d2 =
+      denoised_next.has_value() ? static_cast<const Raw*>(denoised_next->const_data_ptr()) : nullptr;
+  if constexpr (std::is_same_v<Raw, float>) {
+    heun_cpu_loop(d2 ? k.heun_f32_correct : k.heun_f32_euler, x, d1, d2, o, n, t_hat, t_next, h);
   } else {
-    heun_cpu_loop<Raw, false>(x, d1, nullptr, o, n, t_hat, t_next, h);
+    heun_cpu_loop(d2 ? k.heun_bf16_correct : k.heun_bf16_euler, x, d1, d2, o, n, t_hat, t_next, h);
   }
 }
 
@@ -119,17 +153,35 @@ at::Tensor churn_cpu(const at::Tensor& x, const at::Tensor& noise, double t, dou
   if (x.numel() == 0) return out;
   const float s = static_cast<float>(scale);
   if (x.scalar_type() == at::kFloat) {
-    churn_cpu_loop<float>(x.const_data_ptr<float>(), noise.const_data_ptr<float>(),
-                          out.mutable_data_ptr<float>(), x.numel(), s);
+    churn_cpu_loop<float>(kernels().churn_f32, x.const_data_ptr<float>(),
+                          noise.const_data_ptr<float>(), out.mutable_data_ptr<float>(), x.numel(),
+                          s);
   } else {
-    churn_cpu_loop<uint16_t>(static_cast<const uint16_t*>(x.const_data_ptr()),
+    churn_cpu_loop<uint16_t>(kernels().churn_bf16, static_cast<const uint16_t*>(x.const_data_ptr()),
                              static_cast<const uint16_t*>(noise.const_data_ptr()),
                              static_cast<uint16_t*>(out.mutable_data_ptr()), x.numel(), s);
   }
   return out;
 }
 
+// vdmpp::_debug_cpu_capability(request): switch the loops to `request` ("" keeps the current
+// one); returns the active one. Refuses an instruction set this CPU lacks.
+std::string debug_cpu_capability(std::string request) {
+  if (!request.empty()) {
+    Cap c;
+    TORCH_CHECK(parse_cap(request, &c), "vdmpp::_debug_cpu_capability: unknown '", request,
+                "' (default, avx2 or avx512)");
+    TORCH_CHECK(cpu_has(c), "vdmpp::_debug_cpu_capability: this CPU has no ", request);
+    active_cap().store(static_cast<int>(c));
+  }
+  return cap_name(static_cast<Cap>(active_cap().load()));
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vdmpp, m) {
+  m.def("_debug_cpu_capability(str request) -> str", TORCH_FN(debug_cpu_capability));
+}
 
 TORCH_LIBRARY_IMPL(vdmpp, CPU, m) {
   m.impl("heun_step", &heun_step_cpu);

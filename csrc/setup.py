@@ -16,11 +16,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import importlib.util
+
 import torch
 from setuptools import find_namespace_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = Path(__file__).parent.resolve()
+
+
+def _nvcc_flags() -> list[str]:
+    """csrc/nvcc_flags.py's list (shared with noxfile.py's kernels_cuda_compile): warnings are
+    errors, no FMA contraction."""
+    spec = importlib.util.spec_from_file_location("vdmpp_nvcc_flags", HERE / "nvcc_flags.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.nvcc_flags()
 
 
 DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
@@ -40,13 +51,13 @@ def _build_cuda() -> bool:
 
 
 def _extension():
-    cpp = sorted(str(p.relative_to(HERE)) for p in HERE.glob("*.cpp"))
+    cpp = sorted(str(p.relative_to(HERE)) for p in [*HERE.glob("*.cpp"), *HERE.glob("cpu/*.cpp")])
     cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden"]
     if not _build_cuda():
         return CppExtension("vdmpp.kernels._C", cpp, extra_compile_args={"cxx": cxx})
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     cu = sorted(str(p.relative_to(HERE)) for p in (HERE / "cuda").glob("*.cu"))
-    nvcc = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc = _nvcc_flags()
     return CUDAExtension(
         "vdmpp.kernels._C", cpp + cu, extra_compile_args={"cxx": cxx, "nvcc": nvcc}
     )

@@ -1,68 +1,134 @@
 // CUDA kernels of vdmpp::adaptive_ema_update and of the data-parallel pair
 // vdmpp::adaptive_bin_stats / vdmpp::adaptive_apply_stats (VDM++, Kingma & Gao 2023, App. F/H).
 //
-// No host sync and CUDA-graph capturable. Batches up to kSingleBlockMax take ONE launch: a
-// single block builds a shared-memory histogram (per-bin sum in double, count), applies the EMA
-// to the hit bins and scans the cdf. Larger batches take two launches: every block writes its
-// partial histogram to a workspace (no memset needed), then one block reduces the partials in a
-// fixed order and finalises. Non-finite λ (NaN included) or value are masked, not errors.
+// No host sync and CUDA-graph capturable. Batches up to kAdaptiveSingleBlockMax take ONE launch:
+// a single block builds the per-bin histogram in shared memory, applies the EMA to the hit bins
+// and scans the cdf. Larger batches take a zero-fill and three launches over a global [bins]
+// workspace (exponent + count pass, sum pass, one finalising block). Non-finite λ (NaN
+// included) or value are masked, not errors.
 //
-// Sums are accumulated in double, so results agree with the CPU kernel (float32 sums in batch
-// order) to float32 rounding of the per-bin mean; the cdf scan is in double as on CPU.
+// Deterministic by construction: the per-bin sums are integers. Each value becomes an int64
+// multiple of its bin's quantum 2^(e - F) (params.h: to_fixed), where e bounds the bin's
+// magnitudes (from the largest float exponent in the bin: an atomicMax, whose result does not
+// depend on order) and F = 62 - ceil(log2 n) rules out overflow. Integer addition is
+// associative, so the atomics may land in any order, and the blocks of the large-batch path in
+// any partition: the same inputs give the same bits on every run, on either path, for any grid.
+// (The cdf scan and the EMA have a fixed operation order.) A bin sum is within 2^-34 relative
+// of the exact sum at n = 16384 (params.h), i.e. exact after rounding to float32 but for ties.
 //
-// adaptive_bin_stats: the same histogram (one launch up to kSingleBlockMax, else partials +
-// a fixed-order reduction), added into the float32 [2, bins] accumulator. adaptive_apply_stats:
-// one single-block launch, EMA of the hit bins from [sums; counts] and the cdf scan.
+// Warp-level aggregation: lanes of a warp whose elements fall into the same bin (found with
+// __match_any_sync) combine their contributions with shuffles first, and one lane per bin does
+// the shared-memory atomic, so a hot bin (early training: most λ in one bin) costs one atomic
+// per warp instead of 32 serialised ones.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cfloat>
 
-#include "../checks.h"
+#include "../params.h"
 
 namespace vdmpp {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 1024;
+constexpr int kThreads = kAdaptiveThreads;
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kMaxBins = 2048;  // 2048 * (8 + 4) B = 24 KiB of shared memory
-constexpr int64_t kSingleBlockMax = 16384;
-constexpr int64_t kMaxPartials = 128;
+constexpr int64_t kMaxBins = kAdaptiveMaxBins;
+static_assert(kThreads % 32 == 0 && kWarps <= 32, "scan_cdf combines at most 32 warps");
+// Shared memory of the histogram kernels: sums (8 B), exponents (4 B), counts (4 B) per bin.
+constexpr size_t kHistBytesPerBin = sizeof(long long) + sizeof(int) + sizeof(unsigned);
+static_assert(kMaxBins * kHistBytesPerBin <= 48 * 1024, "must fit the default 48 KiB");
 
-struct Params {
-  float lmin, width, last;  // bin k = clamp(floor((λ - lmin) / width), 0, last)
-  float a, b;               // ema <- a * ema + b * mean on hit bins
-  int bins;
+using Params = AdaptiveParams;
+
+struct Hist {  // one block's histogram in shared memory
+  unsigned long long* sum;
+  int* be;  // max biased exponent per bin
+  unsigned* cnt;
 };
 
-__device__ __forceinline__ void zero_hist(double* s_sum, unsigned* s_cnt, int bins) {
+__device__ __forceinline__ Hist hist_in(void* smem, int bins) {
+  auto* sum = static_cast<unsigned long long*>(smem);
+  int* be = reinterpret_cast<int*>(sum + bins);
+  return Hist{sum, be, reinterpret_cast<unsigned*>(be + bins)};
+}
+
+__device__ __forceinline__ void zero_hist(const Hist& h, int bins) {
   for (int k = threadIdx.x; k < bins; k += blockDim.x) {
-    s_sum[k] = 0.0;
-    s_cnt[k] = 0u;
+    h.sum[k] = 0ull;
+    h.be[k] = 0;
+    h.cnt[k] = 0u;
   }
 }
 
-// Accumulate elements begin + threadIdx.x, ... (step `step`) into the block's histogram.
-__device__ __forceinline__ void accumulate(const float* __restrict__ lam,
+// All lanes in `peers` (one bin's lanes of this warp) get the sum / max of x over them.
+__device__ __forceinline__ long long peers_sum(unsigned peers, long long x) {
+  long long total = 0;
+  for (unsigned m = peers; m != 0u; m &= m - 1u) total += __shfl_sync(peers, x, __ffs(m) - 1);
+  return total;
+}
+__device__ __forceinline__ int peers_max(unsigned peers, int x) {
+  int best = x;
+  for (unsigned m = peers; m != 0u; m &= m - 1u) best = max(best, __shfl_sync(peers, x, __ffs(m) - 1));
+  return best;
+}
+
+// The warp-uniform loop over this block's share of the batch: elements begin + w*32 + lane,
+// stepping by `step` (a multiple of 32), so every lane of a warp runs each trip (needed by
+// __match_any_sync); lanes past n or with a non-finite pair take part with bin -1.
+template <typename Body>
+__device__ __forceinline__ void for_each_warp_tile(const float* __restrict__ lam,
+                                                   const float* __restrict__ val, int64_t n,
+                                                   int64_t begin, int64_t step, const Params& p,
+                                                   Body&& body) {
+  const int64_t first = begin + (threadIdx.x & ~31u);
+  for (int64_t base = first; base < n; base += step) {
+    const int64_t i = base + (threadIdx.x & 31u);
+    float l = 0.0f, v = 0.0f;
+    if (i < n) {
+      l = lam[i];
+      v = val[i];
+    }
+    const bool ok = i < n && isfinite(l) && isfinite(v);
+    const int k = ok ? bin_of(l, p) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, k);
+    body(k, v, peers, (__ffs(peers) - 1) == static_cast<int>(threadIdx.x & 31u));
+  }
+}
+
+// Pass 1: per-bin max biased exponent and count.
+__device__ __forceinline__ void hist_pass1(const Hist& h, const float* __restrict__ lam,
+                                           const float* __restrict__ val, int64_t n,
+                                           int64_t begin, int64_t step, const Params& p) {
+  for_each_warp_tile(lam, val, n, begin, step, p, [&](int k, float v, unsigned peers, bool lead) {
+    const int be = peers_max(peers, biased_exponent(v));
+    if (lead && k >= 0) {
+      atomicMax(&h.be[k], be);
+      atomicAdd(&h.cnt[k], static_cast<unsigned>(__popc(peers)));
+    }
+  });
+}
+
+// Pass 2: per-bin integer sums, with the exponent bounds `be` (shared or global) complete.
+__device__ __forceinline__ void hist_pass2(const Hist& h, const int* be,
+                                           const float* __restrict__ lam,
                                            const float* __restrict__ val, int64_t n,
                                            int64_t begin, int64_t step, const Params& p,
-                                           double* s_sum, unsigned* s_cnt) {
-  for (int64_t i = begin + threadIdx.x; i < n; i += step) {
-    const float l = lam[i];
-    const float v = val[i];
-    if (!isfinite(l) || !isfinite(v)) continue;
-    float q = floorf(__fdiv_rn(__fsub_rn(l, p.lmin), p.width));
-    q = fminf(fmaxf(q, 0.0f), p.last);
-    const int k = static_cast<int>(q);
-    atomicAdd(&s_sum[k], static_cast<double>(v));
-    atomicAdd(&s_cnt[k], 1u);
-  }
+                                           int frac) {
+  for_each_warp_tile(lam, val, n, begin, step, p, [&](int k, float v, unsigned peers, bool lead) {
+    const long long q = k >= 0 ? to_fixed(v, be[k], frac) : 0ll;
+    const long long s = peers_sum(peers, q);
+    if (lead && k >= 0) atomicAdd(&h.sum[k], static_cast<unsigned long long>(s));
+  });
+}
+
+// A bin's float32 sum from its integer sum.
+__device__ __forceinline__ float bin_sum(unsigned long long s, int be, int frac) {
+  return static_cast<float>(from_fixed(static_cast<long long>(s), be, frac));
 }
 
 // The whole block: cdf = [0, cumsum(s_val) / total, ..., 1] from s_val[k] = max(ema_k, FLT_MIN)
@@ -121,126 +187,171 @@ __device__ __forceinline__ double ema_bin(float* __restrict__ ema, int k, bool h
   return static_cast<double>(isnan(e) ? e : fmaxf(e, FLT_MIN));
 }
 
-// The whole block: EMA on hit bins, then the cdf scan. Expects the histogram complete in shared
-// memory (caller syncs); reuses s_sum for the scan.
-__device__ void finalize(float* __restrict__ ema, float* __restrict__ cdf, double* s_sum,
-                         const unsigned* s_cnt, const Params& p) {
+// The whole block: EMA on the hit bins from the complete histogram (caller syncs), then the cdf
+// scan. The scan's values reuse the sums' slots (each thread reads its bins before writing).
+__device__ void finalize(float* __restrict__ ema, float* __restrict__ cdf, const Hist& h,
+                         const Params& p, int frac) {
+  double* s_val = reinterpret_cast<double*>(h.sum);
   for (int k = threadIdx.x; k < p.bins; k += blockDim.x) {
-    const bool hit = s_cnt[k] > 0u;
-    const float mean =
-        hit ? __fdiv_rn(static_cast<float>(s_sum[k]), static_cast<float>(s_cnt[k])) : 0.0f;
-    s_sum[k] = ema_bin(ema, k, hit, mean, p);
+    const unsigned c = h.cnt[k];
+    const bool hit = c > 0u;
+    // mean = sum / max(count, 1) in float32, as on CPU (counts are exact in float up to 2^24)
+    const float mean = hit ? __fdiv_rn(bin_sum(h.sum[k], h.be[k], frac), static_cast<float>(c))
+                           : 0.0f;
+    s_val[k] = ema_bin(ema, k, hit, mean, p);
   }
   __syncthreads();
-  scan_cdf(cdf, s_sum, p.bins);
+  scan_cdf(cdf, s_val, p.bins);
+}
+
+// stats [2, bins] += [sums; counts] of the complete histogram (caller syncs).
+__device__ void add_stats(float* __restrict__ stats, const Hist& h, int bins, int frac) {
+  for (int k = threadIdx.x; k < bins; k += blockDim.x) {
+    stats[k] = __fadd_rn(stats[k], bin_sum(h.sum[k], h.be[k], frac));
+    stats[bins + k] = __fadd_rn(stats[bins + k], static_cast<float>(h.cnt[k]));
+  }
+}
+
+// One block over the whole batch (n <= kAdaptiveSingleBlockMax): the histogram in shared memory.
+__device__ void block_hist(const Hist& h, const float* __restrict__ lam,
+                           const float* __restrict__ val, int64_t n, const Params& p, int frac) {
+  zero_hist(h, p.bins);
+  __syncthreads();
+  hist_pass1(h, lam, val, n, 0, blockDim.x, p);
+  __syncthreads();
+  hist_pass2(h, h.be, lam, val, n, 0, blockDim.x, p, frac);
+  __syncthreads();
 }
 
 __global__ void __launch_bounds__(kThreads)
     adaptive_fused_kernel(float* __restrict__ ema, float* __restrict__ cdf,
                           const float* __restrict__ lam, const float* __restrict__ val, int64_t n,
-                          Params p) {
-  extern __shared__ double smem[];
-  double* s_sum = smem;
-  unsigned* s_cnt = reinterpret_cast<unsigned*>(s_sum + p.bins);
-  zero_hist(s_sum, s_cnt, p.bins);
-  __syncthreads();
-  accumulate(lam, val, n, 0, blockDim.x, p, s_sum, s_cnt);
-  __syncthreads();
-  finalize(ema, cdf, s_sum, s_cnt, p);
+                          Params p, int frac) {
+  extern __shared__ unsigned long long smem_u64[];
+  const Hist h = hist_in(smem_u64, p.bins);
+  block_hist(h, lam, val, n, p, frac);
+  finalize(ema, cdf, h, p, frac);
 }
 
-__global__ void __launch_bounds__(kThreads)
-    adaptive_partial_kernel(const float* __restrict__ lam, const float* __restrict__ val,
-                            int64_t n, Params p, double* __restrict__ part_sum,
-                            unsigned* __restrict__ part_cnt) {
-  extern __shared__ double smem[];
-  double* s_sum = smem;
-  unsigned* s_cnt = reinterpret_cast<unsigned*>(s_sum + p.bins);
-  zero_hist(s_sum, s_cnt, p.bins);
-  __syncthreads();
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  accumulate(lam, val, n, static_cast<int64_t>(blockIdx.x) * blockDim.x, step, p, s_sum, s_cnt);
-  __syncthreads();
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * p.bins;
-  for (int k = threadIdx.x; k < p.bins; k += blockDim.x) {
-    part_sum[row + k] = s_sum[k];
-    part_cnt[row + k] = s_cnt[k];
-  }
-}
-
-__global__ void __launch_bounds__(kThreads)
-    adaptive_finalize_kernel(float* __restrict__ ema, float* __restrict__ cdf,
-                             const double* __restrict__ part_sum,
-                             const unsigned* __restrict__ part_cnt, int parts, Params p) {
-  extern __shared__ double smem[];
-  double* s_sum = smem;
-  unsigned* s_cnt = reinterpret_cast<unsigned*>(s_sum + p.bins);
-  for (int k = threadIdx.x; k < p.bins; k += blockDim.x) {
-    double s = 0.0;
-    unsigned c = 0u;
-    for (int g = 0; g < parts; ++g) {  // fixed order: deterministic
-      s += part_sum[static_cast<int64_t>(g) * p.bins + k];
-      c += part_cnt[static_cast<int64_t>(g) * p.bins + k];
-    }
-    s_sum[k] = s;
-    s_cnt[k] = c;
-  }
-  __syncthreads();
-  finalize(ema, cdf, s_sum, s_cnt, p);
-}
-
-// adaptive_bin_stats, one launch: histogram of the batch, added into stats [2, bins].
 __global__ void __launch_bounds__(kThreads)
     bin_stats_fused_kernel(float* __restrict__ stats, const float* __restrict__ lam,
-                           const float* __restrict__ val, int64_t n, Params p) {
-  extern __shared__ double smem[];
-  double* s_sum = smem;
-  unsigned* s_cnt = reinterpret_cast<unsigned*>(s_sum + p.bins);
-  zero_hist(s_sum, s_cnt, p.bins);
+                           const float* __restrict__ val, int64_t n, Params p, int frac) {
+  extern __shared__ unsigned long long smem_u64[];
+  const Hist h = hist_in(smem_u64, p.bins);
+  block_hist(h, lam, val, n, p, frac);
+  add_stats(stats, h, p.bins, frac);
+}
+
+// Large batches, launch 1 of 3: each block's exponent bounds and counts, merged into the global
+// (zero-filled) workspace with atomicMax / integer atomicAdd (order-independent).
+__global__ void __launch_bounds__(kThreads)
+    hist_exponent_kernel(const float* __restrict__ lam, const float* __restrict__ val, int64_t n,
+                         Params p, Hist g) {
+  extern __shared__ unsigned long long smem_u64[];
+  const Hist h = hist_in(smem_u64, p.bins);
+  zero_hist(h, p.bins);
   __syncthreads();
-  accumulate(lam, val, n, 0, blockDim.x, p, s_sum, s_cnt);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  hist_pass1(h, lam, val, n, static_cast<int64_t>(blockIdx.x) * blockDim.x, step, p);
   __syncthreads();
   for (int k = threadIdx.x; k < p.bins; k += blockDim.x) {
-    stats[k] = __fadd_rn(stats[k], static_cast<float>(s_sum[k]));
-    stats[p.bins + k] = __fadd_rn(stats[p.bins + k], static_cast<float>(s_cnt[k]));
+    if (h.cnt[k] != 0u) {
+      atomicMax(&g.be[k], h.be[k]);
+      atomicAdd(&g.cnt[k], h.cnt[k]);
+    }
   }
 }
 
-// adaptive_bin_stats for large batches: reduce the partial histograms in a fixed order.
+// Launch 2 of 3: integer sums with the global exponent bounds, merged with integer atomicAdd.
 __global__ void __launch_bounds__(kThreads)
-    bin_stats_reduce_kernel(float* __restrict__ stats, const double* __restrict__ part_sum,
-                            const unsigned* __restrict__ part_cnt, int parts, int bins) {
-  for (int k = threadIdx.x; k < bins; k += blockDim.x) {
-    double s = 0.0;
-    unsigned c = 0u;
-    for (int g = 0; g < parts; ++g) {
-      s += part_sum[static_cast<int64_t>(g) * bins + k];
-      c += part_cnt[static_cast<int64_t>(g) * bins + k];
-    }
-    stats[k] = __fadd_rn(stats[k], static_cast<float>(s));
-    stats[bins + k] = __fadd_rn(stats[bins + k], static_cast<float>(c));
+    hist_sum_kernel(const float* __restrict__ lam, const float* __restrict__ val, int64_t n,
+                    Params p, int frac, Hist g) {
+  extern __shared__ unsigned long long smem_u64[];
+  const Hist h = hist_in(smem_u64, p.bins);
+  for (int k = threadIdx.x; k < p.bins; k += blockDim.x) {
+    h.sum[k] = 0ull;
+    h.be[k] = g.be[k];
   }
+  __syncthreads();
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  hist_pass2(h, h.be, lam, val, n, static_cast<int64_t>(blockIdx.x) * blockDim.x, step, p, frac);
+  __syncthreads();
+  for (int k = threadIdx.x; k < p.bins; k += blockDim.x) {
+    if (h.sum[k] != 0ull) atomicAdd(&g.sum[k], h.sum[k]);
+  }
+}
+
+// Launch 3 of 3 (one block): the global histogram into shared memory, then EMA + cdf ...
+__global__ void __launch_bounds__(kThreads)
+    adaptive_finalize_kernel(float* __restrict__ ema, float* __restrict__ cdf, Hist g, Params p,
+                             int frac) {
+  extern __shared__ unsigned long long smem_u64[];
+  const Hist h = hist_in(smem_u64, p.bins);
+  for (int k = threadIdx.x; k < p.bins; k += blockDim.x) {
+    h.sum[k] = g.sum[k];
+    h.be[k] = g.be[k];
+    h.cnt[k] = g.cnt[k];
+  }
+  __syncthreads();
+  finalize(ema, cdf, h, p, frac);
+}
+
+// ... or stats += the global histogram.
+__global__ void __launch_bounds__(kThreads)
+    bin_stats_finalize_kernel(float* __restrict__ stats, Hist g, int bins, int frac) {
+  add_stats(stats, g, bins, frac);
 }
 
 // adaptive_apply_stats: one block, EMA of the hit bins from [sums; counts], then the cdf scan.
 __global__ void __launch_bounds__(kThreads)
     apply_stats_kernel(float* __restrict__ ema, float* __restrict__ cdf,
                        const float* __restrict__ stats, Params p) {
-  extern __shared__ double smem[];
+  extern __shared__ double smem_f64[];
   for (int k = threadIdx.x; k < p.bins; k += blockDim.x) {
     const float sum = stats[k];
     const float cnt = stats[p.bins + k];
     const bool hit = cnt > 0.0f;
     const float mean = __fdiv_rn(sum, fmaxf(cnt, 1.0f));  // as sums / counts.clamp_min(1)
-    smem[k] = ema_bin(ema, k, hit, mean, p);
+    smem_f64[k] = ema_bin(ema, k, hit, mean, p);
   }
   __syncthreads();
-  scan_cdf(cdf, smem, p.bins);
+  scan_cdf(cdf, smem_f64, p.bins);
 }
 
-Params make_params(int64_t bins, double decay, double logsnr_min, double logsnr_max) {
-  const Params p = make_params(bins, decay, logsnr_min, logsnr_max);
-  return p;
+// The zero-filled global histogram of the large-batch path: sums int64 [bins], then exponents
+// and counts int32 [bins] each, in one allocation (one fill launch; graph-capturable).
+struct Workspace {
+  at::Tensor storage;
+  Hist hist;
+};
+
+Workspace make_workspace(const at::Tensor& like, int64_t bins) {
+  Workspace w{at::zeros({2 * bins}, like.options().dtype(at::kLong)), {}};
+  auto* base = static_cast<unsigned long long*>(w.storage.mutable_data_ptr());
+  int* be = reinterpret_cast<int*>(base + bins);
+  w.hist = Hist{base, be, reinterpret_cast<unsigned*>(be + bins)};
+  return w;
+}
+
+// bf16 inputs are upcast first (one extra launch each); float32 is read in place.
+at::Tensor as_f32(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+}
+
+void check_bins(const char* op, int64_t bins) {
+  TORCH_CHECK(bins <= kMaxBins, op, ": the CUDA kernel supports at most ", kMaxBins,
+              " bins, got ", bins);
+}
+
+// The two histogram launches of the large-batch path into `w`.
+void launch_hist(const float* lp, const float* vp, int64_t n, const Params& p, int frac,
+                 const Workspace& w, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(p.bins) * kHistBytesPerBin;
+  const int parts = adaptive_parts(n);
+  hist_exponent_kernel<<<parts, kThreads, smem, stream>>>(lp, vp, n, p, w.hist);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  hist_sum_kernel<<<parts, kThreads, smem, stream>>>(lp, vp, n, p, frac, w.hist);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void adaptive_ema_update_cuda(at::Tensor& ema, at::Tensor& cdf, const at::Tensor& logsnr,
@@ -250,36 +361,27 @@ void adaptive_ema_update_cuda(at::Tensor& ema, at::Tensor& cdf, const at::Tensor
   check_adaptive(ema, cdf, logsnr, value, decay, logsnr_min, logsnr_max);
   TORCH_CHECK(ema.is_cuda(), op, ": CUDA kernel got a ", ema.device(), " tensor");
   const int64_t bins = ema.numel();
-  TORCH_CHECK(bins <= kMaxBins, op, ": the CUDA kernel supports at most ", kMaxBins,
-              " bins, got ", bins);
+  check_bins(op, bins);
   const c10::cuda::CUDAGuard guard(ema.device());
-  // bf16 inputs are upcast first (one extra launch each); float32 is read in place.
-  const at::Tensor lam = logsnr.scalar_type() == at::kFloat ? logsnr : logsnr.to(at::kFloat);
-  const at::Tensor val = value.scalar_type() == at::kFloat ? value : value.to(at::kFloat);
+  const at::Tensor lam = as_f32(logsnr);
+  const at::Tensor val = as_f32(value);
   const int64_t n = lam.numel();
-
-  const Params p = make_params(bins, decay, logsnr_min, logsnr_max);
-  const size_t smem = static_cast<size_t>(bins) * (sizeof(double) + sizeof(unsigned));
+  const Params p = make_adaptive_params(bins, decay, logsnr_min, logsnr_max);
+  const int frac = fixed_frac_bits(n);
+  const size_t smem = static_cast<size_t>(bins) * kHistBytesPerBin;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   float* e = ema.mutable_data_ptr<float>();
   float* c = cdf.mutable_data_ptr<float>();
   const float* lp = lam.const_data_ptr<float>();
   const float* vp = val.const_data_ptr<float>();
-
-  if (n <= kSingleBlockMax) {
-    adaptive_fused_kernel<<<1, kThreads, smem, stream>>>(e, c, lp, vp, n, p);
+  if (n <= kAdaptiveSingleBlockMax) {
+    adaptive_fused_kernel<<<1, kThreads, smem, stream>>>(e, c, lp, vp, n, p, frac);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const int parts = static_cast<int>(
-      std::min<int64_t>(kMaxPartials, (n + 4 * kThreads - 1) / (4 * kThreads)));
-  const at::Tensor part_sum = at::empty({parts, bins}, ema.options().dtype(at::kDouble));
-  const at::Tensor part_cnt = at::empty({parts, bins}, ema.options().dtype(at::kInt));
-  auto* ps = static_cast<double*>(part_sum.mutable_data_ptr());
-  auto* pc = static_cast<unsigned*>(part_cnt.mutable_data_ptr());
-  adaptive_partial_kernel<<<parts, kThreads, smem, stream>>>(lp, vp, n, p, ps, pc);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  adaptive_finalize_kernel<<<1, kThreads, smem, stream>>>(e, c, ps, pc, parts, p);
+  const Workspace w = make_workspace(ema, bins);
+  launch_hist(lp, vp, n, p, frac, w, stream);
+  adaptive_finalize_kernel<<<1, kThreads, smem, stream>>>(e, c, w.hist, p, frac);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -289,32 +391,26 @@ void adaptive_bin_stats_cuda(at::Tensor& stats, const at::Tensor& logsnr,
   check_bin_stats(stats, logsnr, value, logsnr_min, logsnr_max);
   TORCH_CHECK(stats.is_cuda(), op, ": CUDA kernel got a ", stats.device(), " tensor");
   const int64_t bins = stats.size(1);
-  TORCH_CHECK(bins <= kMaxBins, op, ": the CUDA kernel supports at most ", kMaxBins,
-              " bins, got ", bins);
+  check_bins(op, bins);
   const c10::cuda::CUDAGuard guard(stats.device());
-  const at::Tensor lam = logsnr.scalar_type() == at::kFloat ? logsnr : logsnr.to(at::kFloat);
-  const at::Tensor val = value.scalar_type() == at::kFloat ? value : value.to(at::kFloat);
+  const at::Tensor lam = as_f32(logsnr);
+  const at::Tensor val = as_f32(value);
   const int64_t n = lam.numel();
-  const Params p = make_params(bins, 0.5, logsnr_min, logsnr_max);  // decay unused here
-  const size_t smem = static_cast<size_t>(bins) * (sizeof(double) + sizeof(unsigned));
+  const Params p = make_adaptive_params(bins, 0.5, logsnr_min, logsnr_max);  // decay unused
+  const int frac = fixed_frac_bits(n);
+  const size_t smem = static_cast<size_t>(bins) * kHistBytesPerBin;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   float* st = stats.mutable_data_ptr<float>();
   const float* lp = lam.const_data_ptr<float>();
   const float* vp = val.const_data_ptr<float>();
-  if (n <= kSingleBlockMax) {
-    bin_stats_fused_kernel<<<1, kThreads, smem, stream>>>(st, lp, vp, n, p);
+  if (n <= kAdaptiveSingleBlockMax) {
+    bin_stats_fused_kernel<<<1, kThreads, smem, stream>>>(st, lp, vp, n, p, frac);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const int parts = static_cast<int>(
-      std::min<int64_t>(kMaxPartials, (n + 4 * kThreads - 1) / (4 * kThreads)));
-  const at::Tensor part_sum = at::empty({parts, bins}, stats.options().dtype(at::kDouble));
-  const at::Tensor part_cnt = at::empty({parts, bins}, stats.options().dtype(at::kInt));
-  auto* ps = static_cast<double*>(part_sum.mutable_data_ptr());
-  auto* pc = static_cast<unsigned*>(part_cnt.mutable_data_ptr());
-  adaptive_partial_kernel<<<parts, kThreads, smem, stream>>>(lp, vp, n, p, ps, pc);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  bin_stats_reduce_kernel<<<1, kThreads, 0, stream>>>(st, ps, pc, parts, p.bins);
+  const Workspace w = make_workspace(stats, bins);
+  launch_hist(lp, vp, n, p, frac, w, stream);
+  bin_stats_finalize_kernel<<<1, kThreads, 0, stream>>>(st, w.hist, p.bins, frac);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -324,10 +420,9 @@ void adaptive_apply_stats_cuda(at::Tensor& ema, at::Tensor& cdf, const at::Tenso
   check_apply_stats(ema, cdf, stats, decay);
   TORCH_CHECK(ema.is_cuda(), op, ": CUDA kernel got a ", ema.device(), " tensor");
   const int64_t bins = ema.numel();
-  TORCH_CHECK(bins <= kMaxBins, op, ": the CUDA kernel supports at most ", kMaxBins,
-              " bins, got ", bins);
+  check_bins(op, bins);
   const c10::cuda::CUDAGuard guard(ema.device());
-  const Params p = make_params(bins, decay, 0.0, 1.0);  // the binning is unused here
+  const Params p = make_adaptive_params(bins, decay, 0.0, 1.0);  // the binning is unused here
   const size_t smem = static_cast<size_t>(bins) * sizeof(double);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   apply_stats_kernel<<<1, kThreads, smem, stream>>>(ema.mutable_data_ptr<float>(),

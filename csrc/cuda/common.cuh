@@ -38,19 +38,18 @@ struct alignas(16) Pack {
   Raw v[kWidth];
 };
 
+// One 16-byte load/store at p, which must be 16-byte aligned (the plan's vector body is).
 template <typename Raw>
-__device__ __forceinline__ Pack<Raw> load_pack(const Raw* __restrict__ p, int64_t i) {
+__device__ __forceinline__ Pack<Raw> load_pack(const Raw* __restrict__ p) {
   Pack<Raw> out;
-  *reinterpret_cast<uint4*>(&out) = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  *reinterpret_cast<uint4*>(&out) = __ldg(reinterpret_cast<const uint4*>(p));
   return out;
 }
 
 template <typename Raw>
-__device__ __forceinline__ void store_pack(Raw* __restrict__ p, int64_t i, const Pack<Raw>& v) {
-  reinterpret_cast<uint4*>(p)[i] = *reinterpret_cast<const uint4*>(&v);
+__device__ __forceinline__ void store_pack(Raw* __restrict__ p, const Pack<Raw>& v) {
+  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&v);
 }
-
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace cuda
 }  // namespace vdmpp

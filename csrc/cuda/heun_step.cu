@@ -1,10 +1,11 @@
-// CUDA kernels of vdmpp::heun_step and vdmpp::churn (EDM, EDM, Alg. 1/2).
+// CUDA kernels of vdmpp::heun_step and vdmpp::churn (EDM, Karras et al. 2022, Alg. 1/2).
 //
 // Operands share one dense memory layout (same strides: row-major, channels_last, ...), so the
-// kernels loop over memory flat. Memory-bound elementwise: each thread moves 16 bytes per operand per iteration (float4 for
-// float32, 8 x bf16), grid-stride over the vectors, with a scalar tail (and a scalar fallback
-// when a pointer is not 16-byte aligned). Math in float32 with explicit _rn intrinsics (no FMA
-// contraction), so results match the CPU kernel up to division rounding of the CUDA reference.
+// kernels loop over memory flat. Memory-bound elementwise: each thread moves 16 bytes per operand
+// per iteration (float4 for float32, 8 x bf16), grid-stride, with scalar head and tail around the
+// 16-byte-aligned body (all scalar when the operands' misalignments differ). Math in float32 with
+// explicit _rn intrinsics (no FMA contraction): bit-equal to the CPU kernel and the reference.
+// Index arithmetic is int64 throughout (tensors over 2^31 elements).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,16 +13,17 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <atomic>
+#include <cstdint>
 
-#include "../checks.h"
+#include "../params.h"
 #include "common.cuh"
 
 namespace vdmpp {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kElementwiseThreads;
 
 struct HeunParams {
   float t_hat, t_next, h;
@@ -39,76 +41,78 @@ __device__ __forceinline__ float heun_math(float x, float d1, float d2, const He
   }
 }
 
-// n_vec packs of Pack<Raw>::kWidth elements (kVec) or n_vec = 0 and everything in the tail.
-template <typename Raw, bool kCorrect, bool kVec>
+// The launch's plan (params.h: plan_elementwise) gives a scalar head up to the first 16-byte
+// boundary, n_vec packs of 16 bytes per operand, and a scalar tail; elementwise_loop is the
+// grid-stride loop over both (the same code the CPU tests run through _debug_elementwise_coverage).
+template <typename Raw, bool kCorrect>
 __global__ void __launch_bounds__(kThreads)
     heun_step_kernel(const Raw* __restrict__ x, const Raw* __restrict__ d1,
-                     const Raw* __restrict__ d2, Raw* __restrict__ out, int64_t n,
+                     const Raw* __restrict__ d2, Raw* __restrict__ out, ElementwisePlan plan,
                      HeunParams p) {
   using IO = FloatIO<Raw>;
+  constexpr int W = Pack<Raw>::kWidth;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  int64_t done = 0;
-  if constexpr (kVec) {
-    constexpr int W = Pack<Raw>::kWidth;
-    const int64_t n_vec = n / W;
-    for (int64_t i = tid; i < n_vec; i += stride) {
-      const Pack<Raw> xv = load_pack(x, i);
-      const Pack<Raw> a = load_pack(d1, i);
-      Pack<Raw> b;
-      if constexpr (kCorrect) b = load_pack(d2, i);
-      Pack<Raw> o;
+  elementwise_loop(
+      plan, tid, stride,
+      [&](int64_t e) {
+        const Pack<Raw> xv = load_pack(x + e);
+        const Pack<Raw> a = load_pack(d1 + e);
+        Pack<Raw> b;
+        if constexpr (kCorrect) b = load_pack(d2 + e);
+        Pack<Raw> o;
 #pragma unroll
-      for (int j = 0; j < W; ++j) {
-        const float bj = kCorrect ? IO::load(b.v[j]) : 0.0f;
-        o.v[j] = IO::store(heun_math<kCorrect>(IO::load(xv.v[j]), IO::load(a.v[j]), bj, p));
-      }
-      store_pack(out, i, o);
-    }
-    done = n_vec * W;
-  }
-  for (int64_t i = done + tid; i < n; i += stride) {
-    const float bj = kCorrect ? IO::load(d2[i]) : 0.0f;
-    out[i] = IO::store(heun_math<kCorrect>(IO::load(x[i]), IO::load(d1[i]), bj, p));
-  }
+        for (int j = 0; j < W; ++j) {
+          const float bj = kCorrect ? IO::load(b.v[j]) : 0.0f;
+          o.v[j] = IO::store(heun_math<kCorrect>(IO::load(xv.v[j]), IO::load(a.v[j]), bj, p));
+        }
+        store_pack(out + e, o);
+      },
+      [&](int64_t e) {
+        const float bj = kCorrect ? IO::load(d2[e]) : 0.0f;
+        out[e] = IO::store(heun_math<kCorrect>(IO::load(x[e]), IO::load(d1[e]), bj, p));
+      });
 }
 
-template <typename Raw, bool kVec>
+template <typename Raw>
 __global__ void __launch_bounds__(kThreads)
     churn_kernel(const Raw* __restrict__ x, const Raw* __restrict__ noise, Raw* __restrict__ out,
-                 int64_t n, float scale) {
+                 ElementwisePlan plan, float scale) {
   using IO = FloatIO<Raw>;
+  constexpr int W = Pack<Raw>::kWidth;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  int64_t done = 0;
-  if constexpr (kVec) {
-    constexpr int W = Pack<Raw>::kWidth;
-    const int64_t n_vec = n / W;
-    for (int64_t i = tid; i < n_vec; i += stride) {
-      const Pack<Raw> xv = load_pack(x, i);
-      const Pack<Raw> e = load_pack(noise, i);
-      Pack<Raw> o;
+  elementwise_loop(
+      plan, tid, stride,
+      [&](int64_t e) {
+        const Pack<Raw> xv = load_pack(x + e);
+        const Pack<Raw> ev = load_pack(noise + e);
+        Pack<Raw> o;
 #pragma unroll
-      for (int j = 0; j < W; ++j) {
-        o.v[j] = IO::store(__fadd_rn(IO::load(xv.v[j]), __fmul_rn(scale, IO::load(e.v[j]))));
-      }
-      store_pack(out, i, o);
-    }
-    done = n_vec * W;
-  }
-  for (int64_t i = done + tid; i < n; i += stride) {
-    out[i] = IO::store(__fadd_rn(IO::load(x[i]), __fmul_rn(scale, IO::load(noise[i]))));
-  }
+        for (int j = 0; j < W; ++j) {
+          o.v[j] = IO::store(__fadd_rn(IO::load(xv.v[j]), __fmul_rn(scale, IO::load(ev.v[j]))));
+        }
+        store_pack(out + e, o);
+      },
+      [&](int64_t e) {
+        out[e] = IO::store(__fadd_rn(IO::load(x[e]), __fmul_rn(scale, IO::load(noise[e]))));
+      });
 }
 
-// Enough resident blocks to fill the device; the grid-stride loop covers the rest.
-int grid_for(int64_t work_items) {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t want = (work_items + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{sms} * 8)));
+// Multiprocessors of `device`, asked once per device and cached (no driver call per launch).
+int sm_count(c10::DeviceIndex device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  const bool cached = device >= 0 && device < kMaxDevices;
+  int sms = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    if (cached) cache[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
 }
+
+int misalignment(const void* ptr) { return static_cast<int>(reinterpret_cast<uintptr_t>(ptr) & 15u); }
 
 template <typename Raw>
 void launch_heun(const at::Tensor& x_hat, const at::Tensor& denoised,
@@ -119,18 +123,15 @@ void launch_heun(const at::Tensor& x_hat, const at::Tensor& denoised,
   const Raw* d2 = denoised_next ? static_cast<const Raw*>(denoised_next->const_data_ptr())
                                 : nullptr;
   auto* o = static_cast<Raw*>(out.mutable_data_ptr());
-  const int64_t n = x_hat.numel();
-  const bool vec = aligned16(x) && aligned16(d1) && aligned16(o) && (!d2 || aligned16(d2));
-  const int grid = grid_for(vec ? n / Pack<Raw>::kWidth + 1 : n);
+  const int mis[4] = {misalignment(x), misalignment(d1), misalignment(o),
+                      d2 ? misalignment(d2) : misalignment(x)};
+  const ElementwisePlan plan =
+      plan_elementwise(x_hat.numel(), sizeof(Raw), mis, 4, sm_count(x_hat.device().index()));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (d2 && vec) {
-    heun_step_kernel<Raw, true, true><<<grid, kThreads, 0, stream>>>(x, d1, d2, o, n, p);
-  } else if (d2) {
-    heun_step_kernel<Raw, true, false><<<grid, kThreads, 0, stream>>>(x, d1, d2, o, n, p);
-  } else if (vec) {
-    heun_step_kernel<Raw, false, true><<<grid, kThreads, 0, stream>>>(x, d1, d2, o, n, p);
+  if (d2) {
+    heun_step_kernel<Raw, true><<<plan.grid, kThreads, 0, stream>>>(x, d1, d2, o, plan, p);
   } else {
-    heun_step_kernel<Raw, false, false><<<grid, kThreads, 0, stream>>>(x, d1, d2, o, n, p);
+    heun_step_kernel<Raw, false><<<plan.grid, kThreads, 0, stream>>>(x, d1, d2, o, plan, p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -140,15 +141,11 @@ void launch_churn(const at::Tensor& x, const at::Tensor& noise, at::Tensor& out,
   const auto* xp = static_cast<const Raw*>(x.const_data_ptr());
   const auto* ep = static_cast<const Raw*>(noise.const_data_ptr());
   auto* o = static_cast<Raw*>(out.mutable_data_ptr());
-  const int64_t n = x.numel();
-  const bool vec = aligned16(xp) && aligned16(ep) && aligned16(o);
-  const int grid = grid_for(vec ? n / Pack<Raw>::kWidth + 1 : n);
+  const int mis[3] = {misalignment(xp), misalignment(ep), misalignment(o)};
+  const ElementwisePlan plan =
+      plan_elementwise(x.numel(), sizeof(Raw), mis, 3, sm_count(x.device().index()));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (vec) {
-    churn_kernel<Raw, true><<<grid, kThreads, 0, stream>>>(xp, ep, o, n, scale);
-  } else {
-    churn_kernel<Raw, false><<<grid, kThreads, 0, stream>>>(xp, ep, o, n, scale);
-  }
+  churn_kernel<Raw><<<plan.grid, kThreads, 0, stream>>>(xp, ep, o, plan, scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -207,7 +204,7 @@ bool kernel_image_ok_cuda(const at::Tensor& probe) {
               " tensor");
   const c10::cuda::CUDAGuard guard(probe.device());
   cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, heun_step_kernel<float, true, true>);
+  const cudaError_t err = cudaFuncGetAttributes(&attr, heun_step_kernel<float, true>);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // a non-sticky error: clear it so later calls do not see it
     return false;
