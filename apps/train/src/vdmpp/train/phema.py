@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -377,7 +378,9 @@ def _validate(snap: Snapshot, where: str) -> None:
 
 def _read(path: Path) -> Snapshot:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged pickle stream warns before it fails
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bit rot, not a torch file, unreadable, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise PhemaError(
