@@ -85,7 +85,34 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--s-tmax", type=float, default=math.inf, help="S_tmax (edm sampler)")
     g.add_argument("--s-noise", type=float, default=1.0, help="S_noise (edm sampler)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
-    g.add_argument("--guidance", type=float, default=1.0, help="CFG scale w (1: off)")
+    g.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="guidance strength w (1: off): CFG through the null class, or autoguidance with "
+        "--guide; CFG needs a model trained with label dropout (model.json label_dropout > 0)",
+    )
+    g.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=None,
+        help="guide only for LO < σ <= HI (Kynkäänniemi et al. 2024; HI may be inf); one "
+        "evaluation of the model elsewhere",
+    )
+    g.add_argument(
+        "--guide",
+        default=None,
+        metavar="RUN_OR_EXPORT",
+        help="autoguidance (Karras et al. 2024): guide with this model (same resolution, "
+        "channels and classes, e.g. an earlier or smaller one) instead of the null class",
+    )
+    g.add_argument(
+        "--force-guidance",
+        action="store_true",
+        help="allow CFG on a model trained without label dropout (its null class is untrained)",
+    )
     g.add_argument("--sigma-min", type=float, default=0.002, help="smallest σ of the grid")
     g.add_argument("--sigma-max", type=float, default=80.0, help="largest σ of the grid")
     g.add_argument("--rho", type=float, default=7.0, help="ρ of EDM's σ grid (EDM eq. 5)")
@@ -118,7 +145,10 @@ def _add_allow_partial(p: argparse.ArgumentParser) -> None:
 
 
 def _spec(a: argparse.Namespace) -> SampleSpec:
-    return SampleSpec(**{f.name: getattr(a, f.name) for f in fields(SampleSpec)})
+    kw = {f.name: getattr(a, f.name) for f in fields(SampleSpec)}
+    if kw["guidance_interval"] is not None:
+        kw["guidance_interval"] = tuple(kw["guidance_interval"])
+    return SampleSpec(**kw)
 
 
 def _common(a: argparse.Namespace) -> dict[str, Any]:

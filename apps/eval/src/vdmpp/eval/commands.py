@@ -51,6 +51,18 @@ def _seeds(seeds: str | Sequence[int]) -> list[int]:
     return sampling.parse_seeds(seeds) if isinstance(seeds, str) else sorted(set(seeds))
 
 
+def _load_guide(spec: SampleSpec, device: Any, allow_partial: bool) -> tuple[Any, dict] | None:
+    """(model, model.json) of ``spec.guide`` (a run or export, refused like the model when its
+    run is not done), or None."""
+    if spec.guide is None:
+        return None
+    require_done(spec.guide, allow_partial)
+    try:
+        return load_model(spec.guide, device)
+    except EvalError as e:
+        raise EvalError(f"--guide: {e}") from None
+
+
 def sample(
     checkpoint: str | Path,
     *,
@@ -72,9 +84,11 @@ def sample(
     require_done(checkpoint, allow_partial)
     d = join(device)
     model, meta = load_model(checkpoint, d.device)
-    spec.validate(meta)
+    spec.validate(meta)  # the model's own checks before the guide is loaded
+    guide = _load_guide(spec, d.device, allow_partial)
+    spec.validate(meta, guide[1] if guide else None)
     out = Path(out)
-    record = sampling.settings_record(spec, meta, str(checkpoint))
+    record = sampling.settings_record(spec, meta, str(checkpoint), guide[1] if guide else None)
     if d.main:  # rank 0 writes sample.json (or refuses other settings) before the others read
         sampling.check_settings(out, record)
     d.barrier()
@@ -102,6 +116,7 @@ def sample(
         batch_size=batch,
         device=d.device,
         progress=progress,
+        guide=guide,
     )
     _log.info(
         "sample: rank %d drew %d images (%d on disk already) in %.1f s",
@@ -188,7 +203,7 @@ def metrics(
     digits_ref = ref == "digits" or ref.startswith("digits:")
     weights = M.inception_weights(inception_weights, required=not digits_ref)
     src = Path(source)
-    model = meta = images = labels = seed_list = None
+    model = meta = images = labels = seed_list = guide = None
     if _samples_source(src):
         _require_samples_run_done(src, allow_partial)
         images, labels = load_images(src)
@@ -198,6 +213,8 @@ def metrics(
         model, meta = load_model(src, device)
         seed_list = _seeds(seeds) if seeds else list(range(num))
         spec.validate(meta)
+        guide = _load_guide(spec, device, allow_partial)
+        spec.validate(meta, guide[1] if guide else None)
         r = int(meta["resolution"])
         shape = (r, r, int(meta["channels"]))
     reference, _ = load_images(ref, resolution=shape[0])
@@ -216,7 +233,14 @@ def metrics(
             len(seed_list), "img", desc="metrics: sample", enabled=progress, emit=_log.info
         )
         images, labels, _ = sampling.generate(
-            model, meta, seed_list, spec, device=device, batch_size=batch, progress=bar.update
+            model,
+            meta,
+            seed_list,
+            spec,
+            device=device,
+            batch_size=batch,
+            progress=bar.update,
+            guide=guide,
         )
         bar.close()
         if labels is None:

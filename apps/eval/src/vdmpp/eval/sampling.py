@@ -88,19 +88,24 @@ def generate(
     device: str | torch.device = "cpu",
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    guide: tuple[Any, dict] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """(uint8 images [n, H, W, C], labels or None, NFE per image) for ``seeds``."""
-    from vdmpp.samplers import PerSampleGenerator, guided
+    """(uint8 images [n, H, W, C], labels or None, NFE per image) for ``seeds``.
 
-    spec.validate(meta)
+    ``guide``: (model, model.json) of the autoguidance guide that ``spec.guide`` names."""
+    from vdmpp.samplers import PerSampleGenerator
+
+    if spec.guide is not None and guide is None:
+        raise EvalError(f"the spec names a guide ({spec.guide}): pass guide=(model, meta)")
+    spec.validate(meta, guide[1] if guide is not None else None)
     if batch_size < 1:
         raise EvalError(f"--batch must be >= 1, got {batch_size}")
     device = torch.device(device)
     shape = (int(meta["channels"]), int(meta["resolution"]), int(meta["resolution"]))
     labels = labels_for(seeds, meta, spec)
-    denoiser = denoiser_for(model, meta)
-    if spec.guidance != 1.0:
-        denoiser = guided(denoiser, spec.guidance)
+    denoiser = spec.denoiser(
+        denoiser_for(model, meta), denoiser_for(*guide) if guide is not None else None
+    )
     data_range = tuple(meta.get("data_range", (-1.0, 1.0)))
     out, nfe = [], 0
     for i in range(0, len(seeds), batch_size):
@@ -144,9 +149,12 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
     write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
-def settings_record(spec: SampleSpec, meta: dict, checkpoint: str) -> dict[str, Any]:
-    """What ``sample.json`` records: the checkpoint, the model's shape and the settings."""
-    return {
+def settings_record(
+    spec: SampleSpec, meta: dict, checkpoint: str, guide_meta: dict | None = None
+) -> dict[str, Any]:
+    """What ``sample.json`` records: the checkpoint, the model's shape and the settings (and
+    the autoguidance guide's training step)."""
+    record = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "step": meta.get("step"),
         "resolution": meta["resolution"],
@@ -154,6 +162,9 @@ def settings_record(spec: SampleSpec, meta: dict, checkpoint: str) -> dict[str, 
         "num_classes": meta.get("num_classes"),
         "spec": spec.record(),
     }
+    if guide_meta is not None:
+        record["guide_step"] = guide_meta.get("step")
+    return record
 
 
 def check_settings(out: Path, record: dict[str, Any]) -> None:
@@ -195,10 +206,12 @@ def run_shard(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    guide: tuple[Any, dict] | None = None,
 ) -> dict[str, int]:
     """Draw this rank's chunks that are not on disk yet; return {"done", "skipped", "nfe"}.
 
-    ``progress``: rank 0 shows a bar on a terminal, else logs a progress line every 10 s."""
+    ``progress``: rank 0 shows a bar on a terminal, else logs a progress line every 10 s.
+    ``guide``: as for :func:`generate`."""
     out = Path(out)
     if batch_size < 1:
         raise EvalError(f"--batch must be >= 1, got {batch_size}")
@@ -222,6 +235,7 @@ def run_shard(
                 device=device,
                 batch_size=batch_size,
                 progress=bar.update if bar else None,
+                guide=guide,
             )
             arrays = {"images": images, "seeds": np.asarray(c, np.int64)}
             if labels is not None:
