@@ -13,9 +13,10 @@ wanted profile (EDM2 App. C.3, Alg. 3).
 Time is the number of training images ("nimg"), as in EDM2's ``training/phema.py``: a step of
 ``batch_size`` images that ends at ``cur_nimg`` covers (cur_nimg − batch_size, cur_nimg].
 
-Equation numbers follow the arXiv version (2312.02696v2) as EDM2's reference code cites them;
-each formula here is re-derived in ``tests/test_phema.py`` (moments, L² inner products and the
-EMA recursion by quadrature or direct summation), not copied from that code.
+Equation numbers are those EDM2's reference code (``training/phema.py``) cites for arXiv
+2312.02696; they were not re-checked against the PDF. Each formula here is re-derived in
+``tests/test_phema.py`` (moments, L² inner products and the EMA recursion by quadrature or
+direct summation), not copied from that code.
 
 This module depends on torch, numpy and the standard library only.
 """
