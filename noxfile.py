@@ -114,9 +114,22 @@ def kernels(session: nox.Session) -> None:
     session.run("pytest", "csrc/tests", *session.posargs)
 
 
+def _nvcc_flags() -> list[str]:
+    """csrc/nvcc_flags.py's flags (the list csrc/setup.py builds with): warnings are errors."""
+    import importlib.util
+
+    path = ROOT / "csrc" / "nvcc_flags.py"
+    spec = importlib.util.spec_from_file_location("vdmpp_nvcc_flags", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.nvcc_flags()
+
+
 @nox.session
 def kernels_cuda_compile(session: nox.Session) -> None:
-    """Compile every csrc/**/*.cu with nvcc alone (no GPU needed): catches CUDA compile errors."""
+    """Compile every csrc/**/*.cu with nvcc alone (no GPU needed), warnings as errors (the flags
+    of csrc/nvcc_flags.py, as the build): catches CUDA compile errors and, e.g., a host function
+    that calls itself forever (-Werror=infinite-recursion)."""
     import shutil
 
     nvcc = shutil.which("nvcc")
@@ -147,9 +160,9 @@ def kernels_cuda_compile(session: nox.Session) -> None:
         session.error("no .cu files under csrc/")
     for cu in sources:
         session.run(
-            nvcc, "-c", str(cu), "-o", str(out / f"{cu.stem}.o"), "-std=c++20", "-O3",
-            "-Xcompiler", "-fPIC", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-lineinfo",
-            *gencode, *flags, external=True,
+            nvcc, "-c", str(cu), "-o", str(out / f"{cu.stem}.o"),
+            "-Xcompiler", "-fPIC", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+            *_nvcc_flags(), *gencode, *flags, external=True,
         )  # fmt: skip
 
 

@@ -13,10 +13,9 @@ JIT-compile. A GPU no image fits (e.g. a build for "9.0" on an A100) is detected
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
-
-import importlib.util
 
 import torch
 from setuptools import find_namespace_packages, setup

@@ -134,11 +134,46 @@ def test_kernels_heun_step_special_values_cpu():
         torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
-def test_kernels_heun_cuda_uses_current_stream():
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
+
+
+@cuda_only
+@pytest.mark.parametrize("op", ["heun_step", "churn"])
+def test_kernels_cuda_uses_current_stream(op):
+    """On a side stream: a ~50 ms sleep, then new inputs are written, then the op. An op that
+    ignored the current stream would run at once on the default stream and read the old
+    inputs; the result is compared on the side stream's order only."""
     x, d1, d2 = _inputs((4, 3, 64, 64), torch.float32, "cuda", seed=4)
+    new = [t + 1.5 for t in (x, d1, d2)]
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        out = K.heun_step(x, d1, d2, 2.0, 1.0)
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU cycles before the copies below
+        for dst, src in zip((x, d1, d2), new):
+            dst.copy_(src)
+        if op == "heun_step":
+            out = K.heun_step(x, d1, d2, 2.0, 1.0)
+        else:
+            out = K.churn(x, d1, 1.0, 2.0, 1.0)
     s.synchronize()
-    assert torch.equal(out.cpu(), K.heun_step(x.cpu(), d1.cpu(), d2.cpu(), 2.0, 1.0))
+    cpu = [t.cpu() for t in new]
+    want = (K.heun_step(*cpu, 2.0, 1.0) if op == "heun_step"
+            else K.churn(cpu[0], cpu[1], 1.0, 2.0, 1.0))  # fmt: skip
+    assert torch.equal(out.cpu(), want)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_kernels_cuda_grid_stride_loop_and_offset_views(dtype, offset):
+    """More elements than the grid has threads (8 blocks per SM): every thread runs the
+    grid-stride loop several times; views at an offset take the aligned vector body after a
+    scalar head. Bit-equal to the CPU kernel."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = sms * 8 * 256 * 16 * 3 + 7  # >= 3 trips of the vector loop
+    x, d1, d2 = _inputs((n + offset,), dtype, "cuda", seed=8, scale=3.0)
+    x, d1, d2 = x[offset:], d1[offset:], d2[offset:]
+    out = K.heun_step(x, d1, d2, 3.0, 2.0)
+    assert torch.equal(out.cpu(), K.heun_step(x.cpu(), d1.cpu(), d2.cpu(), 3.0, 2.0))
+    out = K.churn(x, d1, 2.0, 3.0, 1.0)
+    assert torch.equal(out.cpu(), K.churn(x.cpu(), d1.cpu(), 2.0, 3.0, 1.0))

@@ -140,7 +140,8 @@ def can_use(op_name: str, *tensors: Tensor | None) -> bool:
     Cheap (attribute reads, no host sync): callers ask it on every call. Yes when: the
     extension loaded, ``VDMPP_KERNELS`` is not "0", a kernel is registered for the tensors'
     (common) device and a kernel image fits that device (:func:`device_ok`), they are float32 /
-    bfloat16 tensors and none needs a gradient (the ops have no autograd formula).
+    bfloat16 tensors and none needs a gradient (the ops have no autograd formula; the adaptive
+    ops refuse an input that requires grad even under ``torch.no_grad()``).
     ``heun_step`` / ``churn``: equal shapes and one dense memory layout (same strides: row-major,
     channels_last, ...). ``adaptive_ema_update``: ``(ema, logsnr[, value])``, ``ema`` a 1-D
     float32 buffer; ``adaptive_bin_stats``: ``(stats, logsnr[, value])``, ``stats`` float32
@@ -156,7 +157,10 @@ def can_use(op_name: str, *tensors: Tensor | None) -> bool:
     device = first.device
     if not has_kernel(op_name, device) or not device_ok(device):
         return False
-    grad = torch.is_grad_enabled()
+    # The adaptive ops' Autograd kernel (ops.cpp) refuses any input that requires grad, in every
+    # grad mode (no_grad leaves the Autograd dispatch key set); heun_step/churn run under
+    # no_grad but have no derivative with grad enabled.
+    grad = torch.is_grad_enabled() or op_name in _ADAPTIVE
     for t in ts:
         if t.device != device or t.dtype not in _FLOATS or (grad and t.requires_grad):
             return False

@@ -101,27 +101,44 @@ if hasattr(torch.ops.vdmpp, "heun_step"):  # only when the compiled library is l
         _same("vdmpp::churn", x, "x", noise, "noise")
         return torch.empty_like(x)
 
+    def _adaptive_inputs(op, buf, logsnr, value, name):
+        torch._check(buf.dtype == torch.float32, lambda: f"{op}: {name} must be float32")
+        for t, n in ((logsnr, "logsnr"), (value, "value")):
+            _float(op, t, n)
+            torch._check(
+                t.device == buf.device, lambda n=n: f"{op}: {n} is not on {name}'s device"
+            )
+        torch._check(logsnr.dim() == 1, lambda: f"{op}: logsnr must be 1-D")
+        torch._check(logsnr.shape == value.shape, lambda: f"{op}: logsnr/value shapes differ")
+
+    def _adaptive_buffers(op, ema, cdf):
+        torch._check(ema.dim() == 1, lambda: f"{op}: ema must be 1-D")
+        torch._check(cdf.shape == (ema.shape[0] + 1,), lambda: f"{op}: cdf must be [bins + 1]")
+        torch._check(
+            ema.dtype == torch.float32 and cdf.dtype == torch.float32,
+            lambda: f"{op}: ema and cdf must be float32 buffers",
+        )
+        torch._check(cdf.device == ema.device, lambda: f"{op}: cdf is not on ema's device")
+
     @torch.library.register_fake("vdmpp::adaptive_ema_update")
     def _adaptive_ema_update_fake(ema, cdf, logsnr, value, decay, logsnr_min, logsnr_max):
         op = "vdmpp::adaptive_ema_update"
-        torch._check(ema.dim() == 1, lambda: f"{op}: ema must be 1-D")
-        torch._check(cdf.shape == (ema.shape[0] + 1,), lambda: f"{op}: cdf must be [bins + 1]")
-        torch._check(logsnr.shape == value.shape, lambda: f"{op}: logsnr/value shapes differ")
+        _adaptive_buffers(op, ema, cdf)
+        _adaptive_inputs(op, ema, logsnr, value, "ema")
         return None
 
     @torch.library.register_fake("vdmpp::adaptive_bin_stats")
     def _adaptive_bin_stats_fake(stats, logsnr, value, logsnr_min, logsnr_max):
         op = "vdmpp::adaptive_bin_stats"
         torch._check(stats.dim() == 2 and stats.shape[0] == 2, lambda: f"{op}: stats [2, bins]")
-        torch._check(stats.dtype == torch.float32, lambda: f"{op}: stats must be float32")
-        torch._check(logsnr.dim() == 1, lambda: f"{op}: logsnr must be 1-D")
-        torch._check(logsnr.shape == value.shape, lambda: f"{op}: logsnr/value shapes differ")
+        _adaptive_inputs(op, stats, logsnr, value, "stats")
         return None
 
     @torch.library.register_fake("vdmpp::adaptive_apply_stats")
     def _adaptive_apply_stats_fake(ema, cdf, stats, decay):
         op = "vdmpp::adaptive_apply_stats"
-        torch._check(ema.dim() == 1, lambda: f"{op}: ema must be 1-D")
-        torch._check(cdf.shape == (ema.shape[0] + 1,), lambda: f"{op}: cdf must be [bins + 1]")
+        _adaptive_buffers(op, ema, cdf)
         torch._check(stats.shape == (2, ema.shape[0]), lambda: f"{op}: stats must be [2, bins]")
+        torch._check(stats.dtype == torch.float32, lambda: f"{op}: stats must be float32")
+        torch._check(stats.device == ema.device, lambda: f"{op}: stats is not on ema's device")
         return None
