@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import sys
 from dataclasses import fields
@@ -29,7 +28,7 @@ from typing import Any
 from . import commands
 from .model import EvalError
 from .runtime import device_name
-from .spec import SAMPLERS, SampleSpec
+from .spec import SAMPLERS, SampleSpec, option_flags, sampler_row
 
 __all__ = ["EvalError", "build_parser", "main"]
 
@@ -77,14 +76,28 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         "--sampler",
         default="heun",
         choices=SAMPLERS,
-        help="sampler (EDM Alg. 1/2, DDPM ancestral, DDIM, Euler)",
+        metavar="NAME",
+        help="one of vdmpp.samplers.SAMPLERS (listed below; edm = edm_stochastic)",
     )
-    g.add_argument("--steps", type=int, default=18, help="grid steps N (Heun: 2N-1 NFE)")
-    g.add_argument("--churn", type=float, default=0.0, help="S_churn (edm sampler)")
-    g.add_argument("--s-tmin", type=float, default=0.0, help="S_tmin (edm sampler)")
-    g.add_argument("--s-tmax", type=float, default=math.inf, help="S_tmax (edm sampler)")
-    g.add_argument("--s-noise", type=float, default=1.0, help="S_noise (edm sampler)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=18,
+        help="grid steps N (Heun: 2N-1 NFE; dpm_adaptive chooses its own steps)",
+    )
+    o = p.add_argument_group(
+        "sampler options",
+        "Each is taken only by the samplers named in [...] (with their defaults);\n"
+        "given with another sampler it is refused. Left out: the sampler's default.",
+    )
+    for key, flag in option_flags().items():
+        where = ", ".join(f"{name} {_shown(d)}" for name, d in flag.defaults.items())
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{flag.help} [{where}]"}
+        if flag.type is bool:
+            o.add_argument(_flag(key), action="store_true", **kw)
+        else:  # numbers: each sampler's own range is checked by vdmpp.samplers.check_options
+            choices = flag.choices if flag.type is str else None
+            o.add_argument(_flag(key), type=flag.type, choices=choices, **kw)
     g.add_argument(
         "--guidance",
         type=float,
@@ -144,11 +157,39 @@ def _add_allow_partial(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown(default: Any) -> str:
+    return "auto" if default is None else str(default)
+
+
+def _samplers_epilog() -> str:
+    """``--help``: every sampler, what it is and the options it takes."""
+    lines = ["samplers (--sampler NAME; vdmpp.samplers.SAMPLERS):"]
+    for name in SAMPLERS:
+        row = sampler_row(name)
+        opts = [_flag(k) for k in row.options if k in option_flags()]
+        alias = f" (= {row.name})" if row.name != name else ""
+        lines.append(f"  {name:<19}{row.help}{alias}" + (f"; {' '.join(opts)}" if opts else ""))
+    return "\n".join(lines)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; the epilog's sampler list kept as written."""
+
+
 def _spec(a: argparse.Namespace) -> SampleSpec:
-    kw = {f.name: getattr(a, f.name) for f in fields(SampleSpec)}
-    if kw["guidance_interval"] is not None:
+    """The parsed sampling flags as a SampleSpec (the options given on the command line only:
+    their flags default to argparse.SUPPRESS)."""
+    flags = option_flags()
+    names = [f.name for f in fields(SampleSpec) if f.name not in flags]
+    kw = {k: getattr(a, k) for k in names if hasattr(a, k)}
+    if kw.get("guidance_interval") is not None:
         kw["guidance_interval"] = tuple(kw["guidance_interval"])
-    return SampleSpec(**kw)
+    given = {k: getattr(a, k) for k in flags if hasattr(a, k)}
+    return SampleSpec.from_options(given, **kw)
 
 
 def _common(a: argparse.Namespace) -> dict[str, Any]:
@@ -200,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser(
-        "sample", help="draw images for a list of seeds (resumable, sharded)", formatter_class=fmt
+        "sample",
+        help="draw images for a list of seeds (resumable, sharded)",
+        formatter_class=_Formatter,
+        epilog=_samplers_epilog(),
     )
     s.add_argument("checkpoint", help="run dir, RUN/export or RUN/export/ema.safetensors")
     s.add_argument("--seeds", required=True, help="e.g. 0-49999 or 0,5,10-19")
@@ -211,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_allow_partial(s)
 
     m = sub.add_parser(
-        "metrics", help="FID/IS/KID/PR (and the digits FD/accuracy)", formatter_class=fmt
+        "metrics",
+        help="FID/IS/KID/PR (and the digits FD/accuracy)",
+        formatter_class=_Formatter,
+        epilog=_samplers_epilog(),
     )
     m.add_argument("source", help="a `sample` output dir, an .npz, or a checkpoint to sample")
     m.add_argument(
