@@ -33,6 +33,7 @@ from .fast import (
 )
 from .generators import PerSampleGenerator, noise_for_seeds, randn_like
 from .grids import karras_sigmas, sigmas_from_schedule
+from .likelihood import LogLikelihood, log_likelihood
 from .registry import SAMPLERS, SamplerOption, SamplerSpec, check_options
 from .samplers import SampleInfo, ddim, ddpm, edm_stochastic, euler, heun
 from .unipc import unipc, unipc_coefficients
@@ -50,6 +51,7 @@ __all__ = [
     "Denoiser",
     "DiscreteDenoiser",
     "Guided",
+    "LogLikelihood",
     "ModelDenoiser",
     "PerSampleGenerator",
     "SampleInfo",
@@ -81,6 +83,7 @@ __all__ = [
     "karras_sigmas",
     "lms",
     "lms_coefficients",
+    "log_likelihood",
     "noise_for_seeds",
     "randn_like",
     "sigmas_from_discrete",
