@@ -111,7 +111,8 @@ def kernels(session: nox.Session) -> None:
     # + the train app and every library it pulls: csrc/tests train digits through the fused
     # adaptive ops and trace a training step (losses) and a sampling call for host syncs
     session.install(*[_local(d) for d in closure("vdmpp-train") if d in LIBRARIES], "./apps/train")
-    session.run("pytest", "csrc/tests", *session.posargs)
+    # + scripts/gpu_check.sh --cpu-dry-run, whose exactness/graph workers need the built ops
+    session.run("pytest", "csrc/tests", "scripts/tests/test_gpu_check.py", *session.posargs)
 
 
 def _nvcc_flags() -> list[str]:
