@@ -154,6 +154,7 @@ def bench_heun(device: str, shape: tuple[int, ...], reps: int, copy_gbs: float) 
                 )
             for r in rows[-3:]:
                 r["speedup_vs_eager"] = times["eager"] / (r["time_us"] / 1e6)
+            rows[-3]["time_vs_compile"] = times["fused"] / times["compile"]  # <= 1: fused wins
     return rows
 
 
@@ -248,6 +249,10 @@ def main() -> None:
             f"{r['gb_s']:>9.1f}{r['pct_copy_bw']:>7.0f}%{r['speedup_vs_eager']:>9.2f}"
             f"{r['launches'] if r['launches'] is not None else '-':>10}"
         )
+    print("\nfused / torch.compile time (same run; <= 1.0: the fused op is at least as fast):")
+    for r in heun:
+        if "time_vs_compile" in r:
+            print(f"  {r['step']:<12}{r['dtype']:<10}{r['time_vs_compile']:.3f}")
     print(f"\n{'adaptive':<12}{'batch':>6}  {'impl':<9}{'time µs':>11}{'× eager':>9}"
           f"{'launches':>10}  cuda graph")  # fmt: skip
     for r in adaptive:

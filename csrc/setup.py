@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -52,13 +53,25 @@ def _build_cuda() -> bool:
 def _extension():
     cpp = sorted(str(p.relative_to(HERE)) for p in [*HERE.glob("*.cpp"), *HERE.glob("cpu/*.cpp")])
     cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an inline `#pragma omp parallel` (ATen/ParallelOpenMP.h): without
+        # -fopenmp it silently runs on one thread. The extension then uses the libgomp.so.1 that
+        # torch has already loaded (same soname), so there is one OpenMP runtime.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if not _build_cuda():
-        return CppExtension("vdmpp.kernels._C", cpp, extra_compile_args={"cxx": cxx})
+        return CppExtension(
+            "vdmpp.kernels._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     cu = sorted(str(p.relative_to(HERE)) for p in (HERE / "cuda").glob("*.cu"))
     nvcc = _nvcc_flags()
     return CUDAExtension(
-        "vdmpp.kernels._C", cpp + cu, extra_compile_args={"cxx": cxx, "nvcc": nvcc}
+        "vdmpp.kernels._C",
+        cpp + cu,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 
