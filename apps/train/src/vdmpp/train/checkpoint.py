@@ -151,7 +151,7 @@ def is_loadable(path: str | Path) -> bool:
     return ok
 
 
-def prune(directory: str | Path, keep: int) -> list[Path]:
+def prune(directory: str | Path, keep: int, protect: int | None = None) -> list[Path]:
     """Keep the newest ``keep`` *loadable* checkpoints; delete older ones and stale temp files.
 
     An unreadable file (truncated, foreign, garbage) never counts towards ``keep``, so a
@@ -161,7 +161,9 @@ def prune(directory: str | Path, keep: int) -> list[Path]:
     d = Path(directory)
     gone = []
     kept = 0
-    for _, p in reversed(list_checkpoints(d)):
+    for step, p in reversed(list_checkpoints(d)):
+        if step == protect:  # checkpoint.keep_best: the best-scoring step stays
+            continue
         if kept < keep:
             kept += is_loadable(p)
             continue
@@ -221,10 +223,11 @@ class CheckpointIO:
         state["rng"] = rng_state()
         return state
 
-    def save(self, state: dict[str, Any]) -> Path:
-        """Write atomically, then keep the newest ``keep`` loadable checkpoints."""
+    def save(self, state: dict[str, Any], protect: int | None = None) -> Path:
+        """Write atomically, then keep the newest ``keep`` loadable checkpoints (and the one
+        of step ``protect``)."""
         path = save_atomic(state, checkpoint_path(self.directory, int(state["step"])))
-        prune(self.directory, self.keep)
+        prune(self.directory, self.keep, protect)
         return path
 
     def latest(

@@ -34,6 +34,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EMAConfig",
+    "EvalConfig",
     "LogConfig",
     "ModelConfig",
     "ObjectiveConfig",
@@ -90,6 +91,7 @@ class ObjectiveConfig:
     adaptive_decay: float = 0.999
     time_sampler: str = "low_discrepancy"
     sigma_data: float = 0.5
+    uncertainty: bool = False  # EDM2 eq. 21: learned u(λ), loss·e^{−u} + u
     label_dropout: float = 0.0  # P(label → null class) per example: trains CFG's unconditional D
 
 
@@ -106,8 +108,12 @@ class OptimizerConfig:
 
 @dataclass
 class EMAConfig:
-    halflife_images: float | None = None  # EDM-style half-life in images (takes precedence)
-    decay: float = 0.9999  # per-step decay when halflife_images is not set
+    kind: str = "standard"  # "standard" (EDM: one EMA) or "power" (EDM2 post-hoc EMA profiles)
+    halflife_images: float | None = None  # standard: half-life in images (takes precedence)
+    decay: float = 0.9999  # standard: per-step decay when halflife_images is not set
+    # power: σ_rel of the tracked power-function profiles (EDM2 eq. 123); the first is exported
+    std: list[float] = field(default_factory=lambda: [0.050, 0.100])
+    snapshot_every_images: float = 0.0  # power: RUN/phema/ snapshot interval; 0 = each checkpoint
 
 
 @dataclass
@@ -120,6 +126,7 @@ class BatchConfig:
 class CheckpointConfig:
     every: int = 1000
     keep: int = 3
+    keep_best: bool = False  # [eval]: also checkpoint the best-scoring step, never pruned
 
 
 @dataclass
@@ -134,10 +141,26 @@ class LogConfig:
 class SampleConfig:
     every: int = 0  # 0 disables preview grids
     count: int = 64
-    steps: int = 32  # Heun steps (EDM sigma grid)
+    steps: int = 32  # steps on EDM's ρ-grid
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    sampler: str = "heun"  # any vdmpp.samplers.SAMPLERS name, at its default options
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate the EMA model every N steps (VDM++ App. H); 0 = off
+    count: int = 500  # samples per evaluation, seeds 0..count-1, shared over the ranks
+    sampler: str = "heun"  # any vdmpp.samplers.SAMPLERS name
+    steps: int = 18  # EDM ρ-grid steps
+    metric: str = "digits"  # "digits" (FD of the digits classifier) or "fid" (Inception)
+    fid_weights: str = ""  # metric = "fid": a local Inception weights file (offline)
+    fid_reference: str = ""  # metric = "fid": reference images (npz, shards or folder)
+    bpd: bool = False  # also VDM's bound (bits/dim) on held-out data
+    bpd_data: str = "digits"  # held-out images for the bound ("digits" = its test split)
+    bpd_limit: int = 256  # images of bpd_data used
+    batch: int = 128
 
 
 @dataclass
@@ -160,6 +183,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> Config:
@@ -235,6 +259,24 @@ class Config:
             "must be > 0",
         )
         _check(0 <= e.decay < 1, "ema.decay", e.decay, "must lie in [0, 1)")
+        _choice("ema.kind", e.kind, ("standard", "power"))
+        if e.kind == "power":
+            from .phema import MAX_STD
+
+            _check(
+                len(e.std) >= 1
+                and len(set(e.std)) == len(e.std)
+                and all(0 < s <= MAX_STD for s in e.std),
+                "ema.std",
+                e.std,
+                f"must list distinct σ_rel in (0, {MAX_STD:.4f}] (EDM2 eq. 123)",
+            )
+        _check(
+            e.snapshot_every_images >= 0,
+            "ema.snapshot_every_images",
+            e.snapshot_every_images,
+            "must be >= 0 (0: with every checkpoint)",
+        )
         b = self.batch
         _check(b.global_size >= 1, "batch.global_size", b.global_size, "must be >= 1")
         _check(b.per_device >= 0, "batch.per_device", b.per_device, "must be >= 0 (0: auto)")
@@ -252,6 +294,17 @@ class Config:
         s = self.sample
         _check(s.every >= 0, "sample.every", s.every, "must be >= 0 (0: off)")
         _check(s.count >= 1 and s.steps >= 1, "sample.count/steps", [s.count, s.steps], ">= 1")
+        _sampler("sample.sampler", s.sampler)
+        v = self.eval
+        _check(v.every >= 0, "eval.every", v.every, "must be >= 0 (0: off)")
+        _check(
+            v.count >= 2 and v.steps >= 1 and v.batch >= 1 and v.bpd_limit >= 1,
+            "eval.count/steps/batch/bpd_limit",
+            [v.count, v.steps, v.batch, v.bpd_limit],
+            "need count >= 2 and the rest >= 1",
+        )
+        _sampler("eval.sampler", v.sampler)
+        _choice("eval.metric", v.metric, ("digits", "fid"))
         self.__dict__["_validated"] = text
         return self
 
@@ -296,6 +349,12 @@ def _check_finite(node: Any, key: str) -> None:
     elif isinstance(node, dict):
         for k, x in node.items():
             _check_finite(x, f"{key}.{k}")
+
+
+def _sampler(key: str, name: str) -> None:
+    from vdmpp.samplers import SAMPLERS
+
+    _choice(key, name, tuple(SAMPLERS))
 
 
 def _choice(key: str, value: Any, options: tuple[Any, ...]) -> None:

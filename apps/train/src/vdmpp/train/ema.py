@@ -9,12 +9,13 @@ and the checkpoint treat them alike.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "PowerEMA", "build_ema"]
 
 
 class EMA:
@@ -48,3 +49,77 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state)
+
+    def snapshot_due(self, step: int, checkpoint_due: bool) -> bool:
+        return False
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "standard", "beta": self.beta}
+
+
+class PowerEMA:
+    """EDM2's power-function EMA (§3.1, eq. 127): one profile per σ_rel in ``std``, snapshots of
+    all of them in ``RUN/phema/`` every ``snapshot_every`` images for post-hoc reconstruction
+    (``vdmpp-eval phema``, EDM2 App. C.3). ``module`` (sampled, exported) is the first profile.
+    The math and the snapshot files live in :mod:`vdmpp.train.phema`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        std: list[float],
+        batch_images: int,
+        snapshot_every: float,
+        directory: Path,
+    ) -> None:
+        from .phema import PowerFunctionEMA
+
+        self.inner = PowerFunctionEMA(model, std)
+        self.module = self.inner.emas[0]
+        self.batch_images = batch_images
+        self.snapshot_every = snapshot_every
+        self.directory = directory
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold in ``model`` after optimizer step ``step`` (images seen: step × batch)."""
+        self.inner.update(model, step * self.batch_images, self.batch_images)
+
+    def snapshot_due(self, step: int, checkpoint_due: bool) -> bool:
+        """Whether step ``step`` crosses a snapshot boundary (or, with no interval, checkpoints)."""
+        if self.inner.cur_nimg <= 0:
+            return False
+        if self.snapshot_every <= 0:
+            return checkpoint_due
+        n, b = step * self.batch_images, self.batch_images
+        return int(n // self.snapshot_every) > int((n - b) // self.snapshot_every)
+
+    def save_snapshot(self) -> Path:
+        """``RUN/phema/phema-<images>.pt`` written atomically (rank 0)."""
+        from .phema import save_snapshot
+
+        return save_snapshot(self.directory, self.inner.snapshot())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def describe(self) -> dict[str, Any]:
+        """What model.json records about the exported EMA."""
+        return {"kind": "power", "std": self.inner.std[0], "tracked_std": list(self.inner.std)}
+
+
+def build_ema(cfg: Any, model: nn.Module, batch_images: int, out: Path) -> EMA | PowerEMA:
+    """The EMA ``cfg.ema.kind`` names."""
+    e = cfg.ema
+    if e.kind == "power":
+        return PowerEMA(
+            model,
+            std=list(e.std),
+            batch_images=batch_images,
+            snapshot_every=e.snapshot_every_images,
+            directory=out / "phema",
+        )
+    return EMA(model, batch_images=batch_images, halflife_images=e.halflife_images, decay=e.decay)

@@ -86,10 +86,18 @@ def _to_jsonable(v: Any) -> Any:
     return v
 
 
-def export_meta(cfg: Any, schedule: Any, step: int) -> dict[str, Any]:
-    """``model.json`` of a run's export: how to rebuild the network and what it was trained on."""
+def export_meta(
+    cfg: Any, schedule: Any, step: int, *, ema: dict | None = None, uncertainty: dict | None = None
+) -> dict[str, Any]:
+    """``model.json`` of a run's export: how to rebuild the network and what it was trained on
+    (plus, when present, which EMA it holds and the learned u(λ) of EDM2 eq. 21)."""
     from .objective import model_spec, schedule_meta
 
+    extra: dict[str, Any] = {}
+    if ema is not None:
+        extra["ema"] = ema
+    if uncertainty is not None:
+        extra["uncertainty"] = uncertainty
     return {
         "model": model_spec(cfg),
         "parameterization": cfg.objective.parameterization,
@@ -104,6 +112,7 @@ def export_meta(cfg: Any, schedule: Any, step: int) -> dict[str, Any]:
         "schedule": schedule_meta(cfg, schedule),
         "label_dropout": cfg.objective.label_dropout,
         "step": step,
+        **extra,
     }
 
 

@@ -57,7 +57,7 @@ class LossBins:
     def add(self, lam: Tensor, loss: Tensor) -> None:
         k = ((lam.double() - self.lo) / (self.hi - self.lo) * self.bins).floor()
         k = k.clamp(0, self.bins - 1).long()
-        self.acc[0].index_add_(0, k, torch.nan_to_num(loss, nan=0.0, posinf=0.0))
+        self.acc[0].index_add_(0, k, torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0))
         self.acc[1].index_add_(0, k, torch.ones_like(loss))
 
 
@@ -148,6 +148,40 @@ class MetricsLog:
         )
         self._reset(now)
         return rec
+
+    def write_row(self, rec: dict[str, Any]) -> None:
+        """Rank 0: one more row (e.g. in-training evaluation) to metrics.jsonl and TensorBoard."""
+        if self.file is None:
+            return
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k.startswith("eval_") and isinstance(v, float | int) and not isinstance(v, bool):
+                    self.tb.add_scalar(k.replace("eval_", "eval/", 1), v, rec["step"])
+            self.tb.flush()
+
+    @staticmethod
+    def truncate(out: Path, step: int) -> None:
+        """Drop rows past ``step`` (a killed session's, beyond the checkpoint resumed from), so
+        a resumed run has each row once."""
+        from .fileio import write_atomic
+
+        path = out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                if int(json.loads(line)["step"]) > step:
+                    continue
+            except (ValueError, KeyError, TypeError):
+                continue  # the torn last line of a killed write: appending after it would
+                # corrupt the next row
+            keep.append(line)
+        if len(keep) != len(lines):
+            write_atomic(path, "".join(keep))
 
     def close(self) -> None:
         if self.file is not None:

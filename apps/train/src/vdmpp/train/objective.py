@@ -321,6 +321,10 @@ def build_net(cfg: Config) -> nn.Module:
 class Objective(nn.Module):
     """VDM++ eq. 7 via ``vdmpp.losses.WeightedLoss``: ½·w(λ)/p(λ)·‖ε − ε̂‖² per example.
 
+    With ``objective.uncertainty``, EDM2's learned u(λ) (eq. 21) rescales the loss to
+    ℓ·e^{−u(λ)} + u(λ), so e^{u} tracks E[ℓ | λ]; the adaptive schedule still bins the
+    unweighted ‖ε − ε̂‖², so p(λ) follows w(λ)·E‖ε − ε̂‖² (see ``vdmpp.losses.uncertainty``).
+
     With ``objective.label_dropout = p`` each label becomes the null class (index
     ``num_classes``, what ``class_labels=None`` selects) with probability p, drawn first from
     the step's ``generator``, so the null embedding is trained for classifier-free guidance.
@@ -340,6 +344,11 @@ class Objective(nn.Module):
         self.loss = build_loss(cfg, self.schedule, weighting)
         self.label_dropout = float(cfg.objective.label_dropout)
         self.num_classes = cfg.data.num_classes
+        self.uncertainty: nn.Module | None = None
+        if cfg.objective.uncertainty:  # EDM2 eq. 21; its parameters join the optimizer
+            from vdmpp.losses import LogVarianceMLP
+
+            self.uncertainty = LogVarianceMLP()
 
     def forward(
         self, model: nn.Module, x: Tensor, labels: Tensor | None, generator: torch.Generator
@@ -348,7 +357,25 @@ class Objective(nn.Module):
             drop = torch.rand(labels.shape, generator=generator, device=labels.device)
             labels = torch.where(drop < self.label_dropout, self.num_classes, labels)
         out = self.loss(model, x, labels, generator=generator)
-        return out.loss, out.logsnr.detach(), out.unweighted.detach()
+        loss = out.loss
+        if self.uncertainty is not None:  # ℓ·e^{−u(λ)} + u(λ); the adaptive bins see ‖ε−ε̂‖²
+            from vdmpp.losses import uncertainty_weighted
+
+            loss = uncertainty_weighted(loss, self.uncertainty(out.logsnr.detach()))
+        return loss, out.logsnr.detach(), out.unweighted.detach()
+
+    @torch.no_grad()
+    def uncertainty_table(self, n: int = 65) -> dict[str, list[float]] | None:
+        """u(λ) on a grid of the schedule's λ range (model.json, ``vdmpp-eval plot --run``)."""
+        if self.uncertainty is None:
+            return None
+        lo, hi = (
+            float(torch.as_tensor(v).detach())
+            for v in (self.schedule.logsnr_min, self.schedule.logsnr_max)
+        )
+        p = next(self.uncertainty.parameters())
+        lam = torch.linspace(lo, hi, n, device=p.device, dtype=torch.float32)
+        return {"logsnr": lam.tolist(), "u": self.uncertainty(lam).float().tolist()}
 
 
 def schedule_meta(cfg: Config, schedule: Any) -> dict[str, Any]:

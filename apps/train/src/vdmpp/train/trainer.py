@@ -33,8 +33,9 @@ from . import status as run_status
 from .config import Config
 from .data import stable_seed
 from .distributed import Dist, dist_env, init_distributed
-from .ema import EMA
+from .ema import build_ema
 from .errors import ConfigError, NonFiniteError, PreemptedError, TrainingError
+from .evaluate import InTrainingEval
 from .export import clean_stale, export_meta, export_step, write_export
 from .fileio import clean_stale_temps, write_atomic
 from .loaders import DataFeed
@@ -102,18 +103,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_net(cfg).to(d.device)
         self.objective = Objective(cfg).to(d.device)
-        e, o = cfg.ema, cfg.optimizer
-        self.ema = EMA(
-            self.model,
-            batch_images=self.global_batch,
-            halflife_images=e.halflife_images,
-            decay=e.decay,
-        )
-        params = list(self.model.parameters()) + list(self.objective.schedule.parameters())
+        self.ema = build_ema(cfg, self.model, self.global_batch, self.out)
+        o = cfg.optimizer
+        # the objective's parameters: a learned schedule's, EDM2's u(λ)
+        params = list(self.model.parameters()) + list(self.objective.parameters())
         opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
         self.opt = opt_cls(
             params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
         )
+        self.evaluator = InTrainingEval(cfg, d, self.out) if cfg.eval.every else None
         # --- checkpointed state: one entry per part ---
         self._nonfinite = _Counter()
         parts = {
@@ -123,6 +121,8 @@ class Trainer:
             "schedule": self.objective.schedule,
             "nonfinite_total": self._nonfinite,
         }
+        if self.objective.uncertainty is not None:
+            parts["uncertainty"] = self.objective.uncertainty
         self.checkpoints = ckpt.CheckpointIO(self.out / "checkpoints", cfg.checkpoint.keep, parts)
         self.step = self.nonfinite_run = 0
         self.resumed_from: Path | None = None
@@ -289,13 +289,20 @@ class Trainer:
         if self.d.main:
             cfg_text, world = dumps(self.cfg), self.d.world
             state = self.checkpoints.state(self.step, config=cfg_text, data=data, world_size=world)
-            self.checkpoints.save(state)
+            best = self.evaluator.best if self.evaluator is not None else None
+            protect = best["step"] if best and self.cfg.checkpoint.keep_best else None
+            self.checkpoints.save(state, protect=protect)
             self.export()
         self.d.barrier()
 
+    def export_meta(self) -> dict[str, Any]:
+        """model.json of the EMA model now (what the export and in-training eval use)."""
+        ema = self.ema.describe() if self.cfg.ema.kind != "standard" else None
+        unc = self.objective.uncertainty_table()
+        return export_meta(self.cfg, self.objective.schedule, self.step, ema=ema, uncertainty=unc)
+
     def export(self) -> None:
-        meta = export_meta(self.cfg, self.objective.schedule, self.step)
-        write_export(self.out / "export", self.ema.state_dict(), meta)
+        write_export(self.out / "export", self.ema.module.state_dict(), self.export_meta())
 
     def save_samples(self) -> Path | None:
         if not self.d.main:
@@ -335,10 +342,28 @@ class Trainer:
             log=self.log,
         )
 
+    def _evaluate(self, metrics: MetricsLog) -> bool:
+        """``[eval]`` on the EMA model (every rank samples); True when it is the best so far."""
+        assert self.evaluator is not None
+        row, best = self.evaluator.run(self.step, self.ema.module, self.export_meta())
+        if row is None:
+            return best
+        metrics.write_row(row)
+        acc = f", accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else ""
+        bpd = f", {row['eval_bpd']:.3f} bits/dim" if "eval_bpd" in row else ""
+        self.log(
+            f"eval at step {self.step}: {row['eval_metric']} {row['eval_value']:.4g}{acc}"
+            f"{bpd} ({row['eval_count']} samples, {row['eval_time_s']:.1f} s)"
+            + (" — best so far" if row.get("eval_best") else "")
+        )
+        return best
+
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg, d = self.cfg, self.d
         self.nonfinite_run = 0
+        if d.main:  # rows a killed session wrote past the checkpoint it resumes from
+            MetricsLog.truncate(self.out, self.step)
         metrics = MetricsLog(
             self.out,
             main=d.main,
@@ -379,13 +404,22 @@ class Trainer:
                     if cfg.sample.every and (self.step % cfg.sample.every == 0 or last):
                         self.save_samples()
                         d.barrier()
+                    ckpt_due = self.step % cfg.checkpoint.every == 0 or last
+                    # --- evaluation (before this step's checkpoint: a kill repeats it) ---
+                    if self.evaluator is not None and self.evaluator.due(self.step, last):
+                        best = self._evaluate(metrics)
+                        if best and cfg.checkpoint.keep_best and not ckpt_due and not m["stop"]:
+                            self.save_checkpoint()
+                    # --- post-hoc EMA snapshots ---
+                    if d.main and self.ema.snapshot_due(self.step, ckpt_due):
+                        self.ema.save_snapshot()
                     # --- preemption and checkpoints ---
                     if m["stop"]:
                         self.save_checkpoint()
                         self.log(f"signal received: checkpoint at step {self.step}, exiting")
                         result = {"status": "preempted"}
                         break
-                    if self.step % cfg.checkpoint.every == 0 or last:
+                    if ckpt_due:
                         self.save_checkpoint()
         finally:
             bar.close()
