@@ -162,10 +162,10 @@ def prune(directory: str | Path, keep: int, protect: int | None = None) -> list[
     gone = []
     kept = 0
     for step, p in reversed(list_checkpoints(d)):
-        if step == protect:  # checkpoint.keep_best: the best-scoring step stays
-            continue
         if kept < keep:
             kept += is_loadable(p)
+            continue
+        if step == protect:  # checkpoint.keep_best: the best-scoring step stays
             continue
         p.unlink(missing_ok=True)
         gone.append(p)
