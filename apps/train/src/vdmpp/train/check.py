@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import Config
 
 __all__ = ["check_device", "dry_run"]
 
@@ -57,12 +57,7 @@ def dry_run(cfg: Config, *, resume: bool = False, world: int | None = None) -> s
         world = dist_env()[1]
     device = check_device(cfg.device)
     per_device, accum = cfg.micro_batches(world)
-    existing = ckpt.list_checkpoints(Path(cfg.out) / "checkpoints")
-    if existing and not resume:
-        raise ConfigError(
-            f"{cfg.out} already holds checkpoints (latest step {existing[-1][0]}): pass "
-            f"--resume to continue, or --set out=... for a new run"
-        )
+    ckpt.check_run_dir(cfg.out, resume)
     with torch.device("meta"):
         net = build_net(cfg)
     n_params = sum(p.numel() for p in net.parameters())

@@ -26,6 +26,8 @@ from .fileio import pid_alive, torch_save_atomic
 __all__ = [
     "CheckpointError",
     "CheckpointIO",
+    "Counter",
+    "check_run_dir",
     "find_latest",
     "is_loadable",
     "list_checkpoints",
@@ -200,6 +202,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         with contextlib.suppress(Exception):
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_run_dir(out: str | Path, resume: bool) -> Path:
+    """``out`` as a run directory: not under a file, and without checkpoints unless resuming
+    (ConfigError naming the fix); the one check of ``vdmpp-train`` and ``--check``."""
+    from .errors import ConfigError
+
+    out = Path(out)
+    bad = [q for q in (out, *out.parents) if q.exists() and not q.is_dir()]
+    if bad:
+        raise ConfigError(
+            f"config: out = {str(out)!r}: {bad[0]} is a file, not a directory; "
+            "choose another --set out=..."
+        )
+    existing = list_checkpoints(out / "checkpoints")
+    if existing and not resume:
+        raise ConfigError(
+            f"{out} already holds checkpoints (latest step {existing[-1][0]}): pass "
+            f"--resume to continue, or --set out=... for a new run"
+        )
+    return out
+
+
+class Counter:
+    """A run counter a checkpoint carries (one part of :class:`CheckpointIO`)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def state_dict(self) -> int:
+        return self.value
+
+    def load_state_dict(self, v: int) -> None:
+        self.value = int(v)
 
 
 class CheckpointIO:

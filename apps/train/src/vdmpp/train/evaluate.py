@@ -126,6 +126,17 @@ class InTrainingEval:
             row["eval_best"] = True
         return row
 
+    @staticmethod
+    def describe(row: dict[str, Any]) -> str:
+        """The log line of an evaluation row."""
+        acc = f", accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else ""
+        bpd = f", {row['eval_bpd']:.3f} bits/dim" if "eval_bpd" in row else ""
+        return (
+            f"eval at step {row['step']}: {row['eval_metric']} {row['eval_value']:.4g}{acc}"
+            f"{bpd} ({row['eval_count']} samples, {row['eval_time_s']:.1f} s)"
+            + (" — best so far" if row.get("eval_best") else "")
+        )
+
     def _score(self, images: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
         from vdmpp.eval import metrics as M
 
@@ -133,22 +144,25 @@ class InTrainingEval:
         if self.weights is None:
             from vdmpp.eval import digits
 
-            d = M.compute_metrics(images, self.reference, extractor="digits", metrics=("fid",),
-                                  cuda=cuda)  # fmt: skip
+            d = M.compute_metrics(
+                images, self.reference, extractor="digits", metrics=("fid",), cuda=cuda
+            )
             out = {"eval_metric": "digits_fd", "eval_value": float(d["fid"])}
             if labels is not None:
                 out["eval_accuracy"] = float((digits.predict(images) == labels).mean())
             return out
-        d = M.compute_metrics(images, self.reference, weights=self.weights, metrics=("fid",),
-                              cuda=cuda)  # fmt: skip
+        d = M.compute_metrics(
+            images, self.reference, weights=self.weights, metrics=("fid",), cuda=cuda
+        )
         return {"eval_metric": "fid", "eval_value": float(d["fid"])}
 
     def _bpd(self, ema: nn.Module, meta: dict[str, Any]) -> float:
         from vdmpp.eval.bpd import bpd_of_export
 
         images, labels = self.held_out
-        r = bpd_of_export(ema, meta, images, labels, batch_size=self.cfg.eval.batch, seed=0,
-                          progress=False)  # fmt: skip
+        r = bpd_of_export(
+            ema, meta, images, labels, batch_size=self.cfg.eval.batch, seed=0, progress=False
+        )
         return float(r.bpd)
 
 

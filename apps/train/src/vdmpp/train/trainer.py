@@ -57,19 +57,6 @@ __all__ = [
 ]
 
 
-class _Counter:
-    """A run counter a checkpoint carries (one part of :class:`~checkpoint.CheckpointIO`)."""
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def state_dict(self) -> int:
-        return self.value
-
-    def load_state_dict(self, v: int) -> None:
-        self.value = int(v)
-
-
 class Trainer:
     def __init__(
         self, cfg: Config, *, resume: bool = False, config_path: str | Path | None = None
@@ -82,22 +69,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=False)
             torch.backends.cudnn.benchmark = False
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self.out = Path(cfg.out)
-        bad = [q for q in (self.out, *self.out.parents) if q.exists() and not q.is_dir()]
-        if bad:
-            raise ConfigError(
-                f"config: out = {cfg.out!r}: {bad[0]} is a file, not a directory; "
-                "choose another --set out=..."
-            )
+        self.out = ckpt.check_run_dir(cfg.out, resume)
         self.per_device, self.accum = cfg.micro_batches(d.world)
         self.slots = [m * d.world + d.rank for m in range(self.accum)]
         self.global_batch = cfg.batch.global_size
-        existing = ckpt.list_checkpoints(self.out / "checkpoints")
-        if existing and not resume:
-            raise ConfigError(
-                f"{self.out} already holds checkpoints (latest step {existing[-1][0]}): pass "
-                f"--resume to continue, or --set out=... for a new run"
-            )
         # --- data, model, objective, EMA, optimizer (all that can fail, before any step) ---
         self.data = DataFeed(cfg, self.out, d, self.slots, d.world * self.accum, self.per_device)
         torch.manual_seed(cfg.seed)
@@ -113,7 +88,7 @@ class Trainer:
         )
         self.evaluator = InTrainingEval(cfg, d, self.out) if cfg.eval.every else None
         # --- checkpointed state: one entry per part ---
-        self._nonfinite = _Counter()
+        self._nonfinite = ckpt.Counter()
         parts = {
             "model": self.model,
             "ema": self.ema,
@@ -346,16 +321,9 @@ class Trainer:
         """``[eval]`` on the EMA model (every rank samples); True when it is the best so far."""
         assert self.evaluator is not None
         row, best = self.evaluator.run(self.step, self.ema.module, self.export_meta())
-        if row is None:
-            return best
-        metrics.write_row(row)
-        acc = f", accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else ""
-        bpd = f", {row['eval_bpd']:.3f} bits/dim" if "eval_bpd" in row else ""
-        self.log(
-            f"eval at step {self.step}: {row['eval_metric']} {row['eval_value']:.4g}{acc}"
-            f"{bpd} ({row['eval_count']} samples, {row['eval_time_s']:.1f} s)"
-            + (" — best so far" if row.get("eval_best") else "")
-        )
+        if row is not None:
+            metrics.write_row(row)
+            self.log(InTrainingEval.describe(row))
         return best
 
     # --- the loop -------------------------------------------------------------------------------
