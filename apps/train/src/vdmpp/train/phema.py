@@ -18,7 +18,7 @@ Equation numbers are those EDM2's reference code (``training/phema.py``) cites f
 ``tests/test_phema.py`` (moments, L² inner products and the EMA recursion by quadrature or
 direct summation), not copied from that code.
 
-This module depends on torch, numpy and the standard library only.
+Its files are written by :mod:`vdmpp.train.fileio` (temp file, fsync, rename, fsync of the dir).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
 from torch import Tensor, nn
+
+from .fileio import torch_save_atomic
 
 __all__ = [
     "MAX_STD",
@@ -310,19 +312,6 @@ def _meta(snap: Snapshot) -> dict[str, Any]:
     }
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - filesystems that refuse fsync on a directory
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_snapshot(directory: str | os.PathLike[str], snapshot: Snapshot) -> Path:
     """Write ``snapshot`` to :func:`snapshot_path` atomically and return the path.
 
@@ -337,19 +326,7 @@ def save_snapshot(directory: str | os.PathLike[str], snapshot: Snapshot) -> Path
     meta = _meta(snapshot)
     _validate(snapshot, "snapshot to save")
     payload = {**meta, "emas": snapshot.emas, "sha256": _digest(meta, snapshot.emas)}
-    path = snapshot_path(directory, snapshot.nimg)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(directory)
-    return path
+    return torch_save_atomic(payload, snapshot_path(directory, snapshot.nimg))
 
 
 def _validate(snap: Snapshot, where: str) -> None:
