@@ -1,32 +1,7 @@
 // cpu/heun_kernels.h with AVX-512 F/BW/VL/DQ (chosen at run time only on CPUs that have it).
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-// g++ does not define the ISA macros for #pragma GCC target (gcc does); the headers (sleef.h,
-// ATen's vec) select their code by them.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#ifndef __BMI__
-#define __BMI__ 1
-#endif
-#ifndef __BMI2__
-#define __BMI2__ 1
-#endif
-#ifndef __LZCNT__
-#define __LZCNT__ 1
-#endif
-#ifndef __POPCNT__
-#define __POPCNT__ 1
-#endif
+#include "isa_macros_avx2.h"  // + the AVX-512 ones:
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif

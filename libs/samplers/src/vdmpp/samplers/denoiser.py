@@ -16,11 +16,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from vdmpp.schedules import edm_coefficients_logsnr, logsnr_from_sigma, ve, vp
+from vdmpp.schedules import PARAMETERIZATIONS, edm_coefficients_logsnr, logsnr_from_sigma, ve, vp
 
 __all__ = ["PARAMETERIZATIONS", "Denoiser", "as_denoiser", "guided"]
-
-PARAMETERIZATIONS = ("eps", "x", "v", "edm", "score", "flow")
 
 
 class Denoiser(Protocol):
