@@ -13,7 +13,7 @@ a flat one has no vanishing p(λ) at the ends where an imperfect model's error i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,9 +37,10 @@ class BPDResult:
     images: int
     draws: int
     steps: int | None
+    per_image: np.ndarray | None = field(default=None, repr=False)  # bits/dim of each image
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "per_image"}
 
 
 @torch.no_grad()
@@ -114,6 +115,7 @@ def estimate_bpd(
         images=n,
         draws=draws,
         steps=steps,
+        per_image=total.numpy(),
     )
 
 

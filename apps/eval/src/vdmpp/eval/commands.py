@@ -22,7 +22,7 @@ from .model import EvalError, load_model
 from .runtime import device_name, join, leave, progress_on, require_done
 from .spec import SampleSpec
 
-__all__ = ["METRICS", "bpd", "metrics", "plot", "sample"]
+__all__ = ["BPD_METHODS", "METRICS", "bpd", "metrics", "plot", "sample"]
 
 _log = logging.getLogger("vdmpp.eval")
 
@@ -287,25 +287,54 @@ def _digits_scores(
     return out
 
 
+BPD_METHODS = ("vlb", "ode", "both")
+
+
 def bpd(
     checkpoint: str | Path,
     *,
     data: str,
+    method: str = "vlb",
     draws: int = 1,
     discrete_steps: int | None = None,
     limit: int = 0,
     batch: int = 256,
     seed: int = 0,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    divergence: str = "auto",
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    ode_batch: int = 64,
+    out: str | Path | None = None,
     device: str = "auto",
     progress: bool = True,
     allow_partial: bool = False,
 ) -> dict[str, Any]:
-    """``vdmpp-eval bpd``: VDM's bound in bits/dim of ``data`` under the model."""
+    """``vdmpp-eval bpd``: bits/dim of ``data`` under the model — VDM's bound (``vlb``), the
+    probability-flow ODE likelihood (``ode``, resumable in ``out``; vdmpp.eval.ode) or both, on
+    the same images."""
     from .bpd import bpd_of_export
     from .data import load_images
 
+    if method not in BPD_METHODS:
+        raise EvalError(f"--method {method!r}: use one of {', '.join(BPD_METHODS)}")
     device = device_name(device)
     _counts(draws=draws, discrete_steps=discrete_steps, limit=limit, batch=batch)
+    ode_settings = None
+    if method != "vlb":
+        from .ode import ODESettings, require_torchdiffeq
+
+        ode_settings = ODESettings(
+            rtol=rtol,
+            atol=atol,
+            divergence=divergence,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            seed=seed,
+            batch=ode_batch,
+        ).check()
+        require_torchdiffeq()
     require_done(checkpoint, allow_partial)
     model, meta = load_model(checkpoint, device)
     images, labels = load_images(
@@ -313,21 +342,78 @@ def bpd(
     )
     if limit:
         images, labels = images[:limit], labels[:limit]
-    _log.info("bpd: %d images x %d draws of %s", len(images), draws, data)
-    t0 = time.time()
-    r = bpd_of_export(
-        model,
-        meta,
-        images,
-        labels,
-        draws=draws,
-        steps=discrete_steps,
-        batch_size=batch,
-        seed=seed,
-        progress=progress_on(progress),
-    )
-    _log.info("bpd: %.4f ± %.4f bits/dim in %.1f s", r.bpd, r.stderr, time.time() - t0)
-    return {"data": data, **r.as_dict()}
+    result: dict[str, Any] = {"data": data, "method": method}
+    per_image: dict[str, np.ndarray] = {}
+    if ode_settings is not None:  # every check of the ODE settings before the VLB's work
+        from . import ode as O
+
+        ode_settings = ode_settings.resolved(meta)
+        record = O.settings_record(ode_settings, meta, checkpoint, data, images, labels, device)
+        ode_out = Path(out) if out is not None else O.default_out(record)
+        O.check_record(ode_out, record)
+    if method in ("vlb", "both"):
+        _log.info("bpd vlb: %d images x %d draws of %s", len(images), draws, data)
+        t0 = time.time()
+        r = bpd_of_export(
+            model,
+            meta,
+            images,
+            labels,
+            draws=draws,
+            steps=discrete_steps,
+            batch_size=batch,
+            seed=seed,
+            progress=progress_on(progress),
+        )
+        _log.info("bpd vlb: %.4f ± %.4f bits/dim in %.1f s", r.bpd, r.stderr, time.time() - t0)
+        if r.per_image is not None:
+            per_image["vlb"] = r.per_image
+        if method == "vlb":
+            result.update(r.as_dict())
+        else:
+            result["vlb"] = r.as_dict()
+    if ode_settings is not None:
+        _log.info(
+            "bpd ode: %d images of %s (%s divergence, rtol %g, atol %g, σ %g-%g) -> %s",
+            len(images),
+            data,
+            ode_settings.divergence,
+            ode_settings.rtol,
+            ode_settings.atol,
+            ode_settings.sigma_min,
+            ode_settings.sigma_max,
+            ode_out,
+        )
+        t0 = time.time()
+        o = O.ode_bpd(
+            model,
+            meta,
+            images,
+            labels,
+            settings=ode_settings,
+            out=ode_out,
+            device=device,
+            progress=progress,
+        )
+        per_image["ode"] = o.pop("per_image")
+        _log.info(
+            "bpd ode: %.4f ± %.4f bits/dim, %.0f NFE in %.1f s",
+            o["bpd"],
+            o["stderr"],
+            o["nfe_mean"],
+            time.time() - t0,
+        )
+        if method == "ode":
+            result.update(o)
+        else:
+            result["ode"] = o
+    if method == "both":
+        d = per_image["ode"] - per_image["vlb"]  # paired over the same images
+        result["ode_minus_vlb"] = {
+            "mean": float(d.mean()),
+            "stderr": float(d.std(ddof=1) / np.sqrt(len(d))),
+        }
+    return result
 
 
 def plot(*, out: str | Path, run: str | Path | None = None, progress: bool = True) -> dict:
