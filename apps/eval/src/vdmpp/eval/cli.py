@@ -1,10 +1,11 @@
-"""``vdmpp-eval``: sample | metrics | bpd | plot.
+"""``vdmpp-eval``: sample | metrics | bpd | phema | plot.
 
     vdmpp-eval sample RUN --sampler heun --steps 18 --seeds 0-49999 --out OUT
     torchrun --nproc-per-node 8 -m vdmpp.eval sample RUN --seeds 0-49999 --out OUT
     vdmpp-eval metrics OUT --ref SHARDS [--inception-weights PATH]
     vdmpp-eval metrics RUN --ref digits --num 1000        # samples drawn in memory
-    vdmpp-eval bpd RUN --data digits --draws 4
+    vdmpp-eval bpd RUN --data digits --draws 4 [--method vlb|ode|both]
+    vdmpp-eval phema RUN --std 0.08 --out EXPORT      # or --sweep --out EXPORTS
     vdmpp-eval plot --out plots/ [--run RUN]
 
 User errors (bad paths, formats, arguments) print one line to stderr and exit with status 2.
@@ -237,6 +238,10 @@ def _run(a: argparse.Namespace) -> dict[str, Any]:
             out=a.out,
             **kw,
         )
+    if a.command == "phema":
+        return commands.phema(
+            a.run, out=a.out, std=a.std, sweep=a.sweep, at_images=a.at_images, **kw
+        )
     return commands.plot(out=a.out, run=a.run, **kw)
 
 
@@ -344,6 +349,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_allow_partial(b)
+
+    e = sub.add_parser(
+        "phema",
+        help="post-hoc EMA (EDM2): an export at any σ_rel from the run's RUN/phema snapshots",
+        formatter_class=fmt,
+    )
+    e.add_argument("run", help="a vdmpp-train run directory with phema/ and export/")
+    e.add_argument(
+        "--std", type=float, nargs="+", default=None, metavar="S", help="σ_rel of each export"
+    )
+    e.add_argument(
+        "--sweep",
+        type=int,
+        nargs="?",
+        const=6,
+        default=None,
+        metavar="N",
+        help="N σ_rel log-spaced from 0.02 to 0.2 (N=6: 0.020 0.032 0.050 0.080 0.126 0.200)",
+    )
+    e.add_argument(
+        "--at-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the image count of the snapshot to reconstruct at (default: the last)",
+    )
+    e.add_argument(
+        "--out",
+        required=True,
+        help="the export (one σ_rel), or a folder of OUT/std-0.050/ ... (several)",
+    )
+    e.add_argument("--no-progress", action="store_true", help="warnings only")
+    _add_allow_partial(e)
 
     q = sub.add_parser(
         "plot", help="schedules, weightings, a run's p(λ) and training curves", formatter_class=fmt

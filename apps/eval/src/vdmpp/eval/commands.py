@@ -22,7 +22,7 @@ from .model import EvalError, load_model
 from .runtime import device_name, join, leave, progress_on, require_done
 from .spec import SampleSpec
 
-__all__ = ["BPD_METHODS", "METRICS", "bpd", "metrics", "plot", "sample"]
+__all__ = ["BPD_METHODS", "METRICS", "bpd", "metrics", "phema", "plot", "sample"]
 
 _log = logging.getLogger("vdmpp.eval")
 
@@ -414,6 +414,29 @@ def bpd(
             "stderr": float(d.std(ddof=1) / np.sqrt(len(d))),
         }
     return result
+
+
+def phema(
+    run: str | Path,
+    *,
+    out: str | Path,
+    std: Sequence[float] | None = None,
+    sweep: int | None = None,
+    at_images: int | None = None,
+    progress: bool = True,
+    allow_partial: bool = False,
+) -> dict[str, Any]:
+    """``vdmpp-eval phema``: exports of the run's post-hoc EMA at σ_rel ``std`` (or a ``sweep``
+    of that many between 0.02 and 0.2) from ``RUN/phema`` (vdmpp.eval.posthoc)."""
+    from .posthoc import reconstruct_exports, sweep_stds
+
+    stds = list(std or [])
+    if sweep is not None:
+        stds += [s for s in sweep_stds(sweep) if s not in stds]
+    if not stds:
+        raise EvalError("give --std S [S ...] or --sweep [N]")
+    require_done(run, allow_partial)
+    return reconstruct_exports(run, stds, out, at_images=at_images)
 
 
 def plot(*, out: str | Path, run: str | Path | None = None, progress: bool = True) -> dict:
