@@ -81,3 +81,52 @@ def test_plot_cli_with_run_and_missing_metrics(tmp_path, capsys):
     rc = main(["plot", "--out", str(tmp_path / "plots"), "--run", str(tmp_path / "nowhere")])
     cap = capsys.readouterr()
     assert rc == 2 and "no metrics.jsonl" in cap.err and len(cap.err.strip().splitlines()) == 1
+
+
+def _eval_rows() -> list[dict]:
+    """Training rows plus in-training evaluation rows, as vdmpp-train's [eval] writes them."""
+    rows = _rows()
+    for step, fd, bpd in ((10, 9.0, 8.1), (30, 5.0, 7.6)):
+        rows.append({"step": step, "eval_metric": "digits_fd", "eval_value": fd, "eval_bpd": bpd})
+    return rows
+
+
+def _figure(run, out, monkeypatch):
+    figs = []
+    real = P._save
+    monkeypatch.setattr(P, "_save", lambda fig, path: (figs.append(fig), real(fig, path))[1])
+    path, titles = P.draw_run(run, out)
+    assert path.is_file()
+    return {ax.get_title(): ax for ax in figs[0].axes if ax.get_title()}, titles
+
+
+def test_in_training_evaluation_panels(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _write(run, _eval_rows())
+    (run / "best.json").write_text(json.dumps({"step": 30, "metric": "digits_fd", "value": 5.0}))
+    by_title, titles = _figure(run, tmp_path / "run.png", monkeypatch)
+    ev = by_title["in-training evaluation: digits_fd"]
+    (line,) = [ln for ln in ev.get_lines() if ln.get_marker() == "o"]
+    assert list(line.get_xdata()) == [10, 30] and list(line.get_ydata()) == [9.0, 5.0]
+    assert any(ln.get_xdata()[0] == 30 for ln in ev.get_lines() if ln is not line)  # best step
+    (b,) = by_title["in-training bits/dim (VDM bound, held-out)"].get_lines()
+    assert list(b.get_ydata()) == [8.1, 7.6]
+    assert "training loss (mean over the log interval)" in titles
+    assert P.UNCERTAINTY_TITLE not in titles
+
+
+def test_uncertainty_panel_beside_density_and_bin_loss(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    _write(run, _rows())
+    (run / "export").mkdir()
+    unc = {"logsnr": [-10.0, 0.0, 10.0], "u": [0.0, math.log(2.0), math.log(0.5)]}
+    (run / "export" / "model.json").write_text(json.dumps({"format": "x", "uncertainty": unc}))
+    by_title, titles = _figure(run, tmp_path / "run.png", monkeypatch)
+    assert titles[:3] == ["adaptive schedule p(λ)", "loss per λ bin (step 30)", P.UNCERTAINTY_TITLE]
+    (eu,) = by_title[P.UNCERTAINTY_TITLE].get_lines()
+    assert list(eu.get_ydata()) == pytest.approx([1.0, 2.0, 0.5])
+    assert not any(t.startswith("in-training") for t in titles)
+    rc = main(["plot", "--out", str(tmp_path / "plots"), "--run", str(run), "--no-progress"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert P.UNCERTAINTY_TITLE in json.loads(cap.out)["run_panels"]

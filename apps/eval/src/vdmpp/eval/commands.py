@@ -440,15 +440,26 @@ def phema(
 
 
 def plot(*, out: str | Path, run: str | Path | None = None, progress: bool = True) -> dict:
-    """``vdmpp-eval plot``: schedules and weightings (+ a run's p(λ) and curves) as PNGs."""
-    from .plot import plot_run, plot_schedules, plot_weightings
+    """``vdmpp-eval plot``: schedules and weightings (+ a run's p(λ), e^{u(λ)}, training and
+    in-training evaluation curves) as PNGs; ``run_panels`` names the run figure's panels."""
+    from .plot import draw_run, plot_schedules, plot_weightings
 
     out = Path(out)
+    titles: list[str] = []
+
+    def run_figure(path: Path) -> Path:
+        done, drawn = draw_run(run, path)
+        titles.extend(drawn)
+        return done
+
     jobs: Any = [(plot_schedules, out / "schedules.png"), (plot_weightings, out / "weightings.png")]
     if run:
-        jobs.append((lambda path: plot_run(run, path), out / "run.png"))
+        jobs.append((run_figure, out / "run.png"))
     if progress_on(progress):
         from tqdm import tqdm
 
         jobs = tqdm(jobs, unit="plot", desc="plot", dynamic_ncols=True)
-    return {"files": [str(fn(path)) for fn, path in jobs]}
+    result: dict[str, Any] = {"files": [str(fn(path)) for fn, path in jobs]}
+    if run:
+        result["run_panels"] = titles
+    return result
