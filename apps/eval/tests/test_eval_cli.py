@@ -181,7 +181,7 @@ def test_metrics_progress_bar_and_no_progress(export_dir, capsys) -> None:
 def test_every_subcommand_has_no_progress_and_documented_defaults() -> None:
     parser = cli.build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subs.choices) == {"sample", "metrics", "bpd", "plot"}
+    assert set(subs.choices) == {"sample", "metrics", "bpd", "phema", "plot"}
     for name, sub in subs.choices.items():
         opts = {o for a in sub._actions for o in a.option_strings}
         assert "--no-progress" in opts, name

@@ -354,8 +354,8 @@ def ode_bpd(
             "PF-ODE density at sigma_min, by uniform dequantization"
         ),
         "dequantization": (
-            f"uniform: x = k/{255 / (float(data_range[1]) - float(data_range[0])):g} "
-            f"{float(data_range[0]):+g}, u ~ U(-Δ/2, Δ/2)^d, Δ = {bin_width:.6g}; "
+            f"uniform: x = k/{1 / bin_width:g} {'-' if data_range[0] < 0 else '+'} "
+            f"{abs(float(data_range[0])):g}, u ~ U(-Δ/2, Δ/2)^d, Δ = {bin_width:.6g}; "
             "bits/dim = -(log p(x+u) + d log Δ)/(d ln 2)"
         ),
         "divergence": s.divergence,
