@@ -221,7 +221,9 @@ def test_cell_trains_exports_samples_and_bounds(cell, batch, tmp_path) -> None:
     assert after < before, (before, after)
 
     # the trainer's own export, read back by the eval app
-    run = types.SimpleNamespace(cfg=cfg, objective=obj, ema=net.eval(), step=STEPS, out=tmp_path)
+    ema = types.SimpleNamespace(module=net.eval())
+    run = types.SimpleNamespace(cfg=cfg, objective=obj, ema=ema, step=STEPS, out=tmp_path)
+    run.export_meta = lambda: Trainer.export_meta(run)  # type: ignore[arg-type]
     Trainer.export(run)  # type: ignore[arg-type]
     model, meta = load_model(tmp_path / "export")
     assert (
