@@ -297,8 +297,12 @@ class Runner:
         self.device = "cpu" if dry_run else "cuda"
         self.env = dict(os.environ)
         self.env["PYTHONUNBUFFERED"] = "1"
+        # On the GPU the build phase compiles vdmpp.kernels in place (pip install -e ./csrc), so
+        # the sources are the package; a dry run builds nothing and must use the vdmpp.kernels
+        # this Python has installed (the source tree has no compiled _C to shadow it with).
+        kernels_src = [] if dry_run else [str(ROOT / "csrc" / "src")]
         self.env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT / "csrc" / "src")]
+            kernels_src
             + [str(ROOT / "libs" / n / "src") for n in LIBS]
             + [str(ROOT / "apps" / "train" / "src"), self.env.get("PYTHONPATH", "")]
         )
