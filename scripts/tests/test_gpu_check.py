@@ -23,7 +23,10 @@ def _kernels_built() -> bool:
     """The worker phases call the ops: they pass only where the extension is built (the
     `kernels` nox session); elsewhere (`release`) they must fail cleanly, not crash the run."""
     needed = ("torch", "vdmpp.kernels", "vdmpp.losses", "vdmpp.samplers", "vdmpp.schedules")
-    if any(importlib.util.find_spec(m) is None for m in needed):
+    try:  # find_spec of a dotted name imports its parent: no vdmpp at all raises
+        if any(importlib.util.find_spec(m) is None for m in needed):
+            return False
+    except ModuleNotFoundError:
         return False
     import vdmpp.kernels as K
 
